@@ -1,0 +1,64 @@
+# kvmpy: `make run` runs the main job, `make test` runs the whole test suite.
+# Both install what they need on a fresh Debian machine (system packages through apt-get when
+# missing, Python packages into .venv).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvmpy-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages kvmpy needs: a C compiler and <linux/kvm.h> for the cffi extension, binutils
+# (as, ld) for guests, venv support for the virtualenv.
+APT_PACKAGES := gcc libc6-dev linux-libc-dev binutils python3-venv python3-dev
+
+.PHONY: all run demo test build deps bench clean doctor
+
+all: build
+
+run: build
+	$(VENV)/bin/kvmpy demo --stats
+
+demo: run
+
+doctor: build
+	$(VENV)/bin/kvmpy doctor
+
+test: build
+	$(PY) -m pytest -q -ra tests
+
+# System packages: only installed when something is missing (so CI and developers with them
+# already present need no root).
+deps:
+	@missing=""; \
+	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	command -v as >/dev/null && command -v ld >/dev/null || missing="$$missing binutils"; \
+	[ -f /usr/include/linux/kvm.h ] || missing="$$missing linux-libc-dev"; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "kvmpy needs Python >= 3.11; set PYTHON=python3.11 or newer")'
+
+$(STAMP): pyproject.toml setup.py | deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+build: $(STAMP) kvmpy/_kvm.stamp kvmpy/guests/demo.bin
+
+# the cffi extension, rebuilt in place whenever its definition changes
+kvmpy/_kvm.stamp: kvmpy/_kvm_build.py $(STAMP)
+	$(PY) kvmpy/_kvm_build.py
+	touch $@
+
+kvmpy/guests/demo.bin: kvmpy/guests/demo.S kvmpy/_kvm.stamp | $(STAMP)
+	$(PY) -c 'from kvmpy.guests import build_demo; build_demo()'
+
+bench: build
+	$(MAKE) -C benchmarks PY=$(abspath $(PY))
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info kvmpy/_kvm.c kvmpy/_kvm.o kvmpy/_kvm*.so \
+	  kvmpy/_kvm.stamp kvmpy/guests/demo.bin .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from kvmpy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,280 @@
+"""The whole machine as one recipe: kvm -> vm -> memory -> irqchip -> devices -> image -> vCPUs.
+
+:class:`Machine` owns every resource of one VM (fds, mmaps, threads) in a
+``contextlib.ExitStack``, so whatever ends the VM (the guest, a timeout, an exception, Ctrl-C)
+releases them in reverse order of creation. :func:`build_flat` is the recipe for
+``kvmpy run``: a flat binary entered in real, protected or long mode with the legacy devices.
+
+Legacy port map (a PC's, as QEMU and Firecracker place them):
+
+    0x0060, 0x0064  i8042 keyboard controller (reset line)            window 0x60-0x64
+    0x0070-0x0071   CMOS RTC index/data
+    0x0080          POST code port (Linux's I/O delay; ignored)
+    0x00f4          isa-debug-exit (QEMU: -device isa-debug-exit,iobase=0xf4)
+    0x03f8-0x03ff   COM1 16550A UART, IRQ 4
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvmpy.errors import ImageError, KvmpyError
+from kvmpy.outcome import ExitStatus, Outcome, StopReason
+from kvmpy.vcpu.modes import MMIO_HOLE_START, Mode, reserved_ranges, setup_mode
+from kvmpy.vmexit.bus import MmioBus, PioBus
+
+MIB = 1 << 20
+MIN_MEM = 1 * MIB
+DEFAULT_MEM = 256 * MIB
+FOUR_GIB = 4 << 30
+# Firecracker arch/src/x86_64/layout.rs: KVM_TSS_ADDRESS, and the identity map page below it.
+TSS_ADDRESS = 0xFFFB_D000
+IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+
+COM1_BASE, COM1_IRQ = 0x3F8, 4
+I8042_BASE, I8042_IRQ = 0x60, 1
+CMOS_BASE = 0x70
+POST_PORT = 0x80
+DEBUG_EXIT_PORT = 0xF4
+DEFAULT_LOAD = {Mode.REAL: 0x7C00, Mode.PROTECTED: 0x100000, Mode.LONG: 0x100000}
+
+
+def ram_layout(mem_size: int) -> list[tuple[int, int]]:
+    """RAM below the 32-bit MMIO hole (0xC0000000-0xFFFFFFFF), the rest above 4 GiB."""
+    low = min(mem_size, MMIO_HOLE_START)
+    layout = [(0, low)]
+    if mem_size > low:
+        layout.append((FOUR_GIB, mem_size - low))
+    return layout
+
+
+class Machine:
+    """One VM and everything it owns. Use as a context manager, or call close()."""
+
+    def __init__(self, mem_size: int = DEFAULT_MEM, irqchip: bool = False,
+                 kvm_path: str | None = None, tracer=None):
+        from kvmpy.kvm import Kvm
+        from kvmpy.memory import GuestMemory
+        from kvmpy.vmexit.dispatch import Dispatcher
+
+        if mem_size < MIN_MEM or mem_size % 4096:
+            raise KvmpyError(f"memory size {mem_size} is too small or not a multiple of 4 KiB; "
+                             f"use at least 1M")
+        self._stack = contextlib.ExitStack()
+        self._threads = []
+        self._done = threading.Event()
+        self._outcome: Outcome | None = None
+        self._outcome_lock = threading.Lock()
+        try:
+            self.kvm = self._stack.enter_context(Kvm(kvm_path))
+            self.vm = self._stack.enter_context(self.kvm.create_vm())
+            self.vm.set_tss_addr(TSS_ADDRESS)
+            self.vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
+            try:
+                self.memory = self._stack.enter_context(GuestMemory(ram_layout(mem_size)))
+            except OSError as e:
+                raise KvmpyError(f"cannot allocate {mem_size // MIB} MiB of guest memory: "
+                                 f"{e.strerror}; use a smaller --mem") from None
+            self.memory.register(self.vm)
+            if irqchip:
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
+            self.pio = PioBus()
+            self.mmio = MmioBus()
+            self.tracer = tracer
+            self.dispatcher = Dispatcher(self.pio, self.mmio, self.memory, tracer,
+                                         has_irqchip=irqchip)
+            self.devices: dict[str, object] = {}
+            # threads stop before any fd closes (ExitStack unwinds last-in first-out)
+            self._stack.callback(self._stop_threads)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    # -- devices ---------------------------------------------------------------------------
+    def add_pio_device(self, device, base: int, name: str | None = None):
+        m = self.pio.insert(device, base, name)
+        self.devices[m.name] = device
+        return device
+
+    def add_mmio_device(self, device, base: int, name: str | None = None):
+        m = self.mmio.insert(device, base, name)
+        self.devices[m.name] = device
+        return device
+
+    def irq_line(self, irq: int) -> Callable[[int], None] | None:
+        """A callable setting GSI ``irq`` (None without an in-kernel irqchip)."""
+        if not self.vm.has_irqchip:
+            return None
+        vm = self.vm
+        return lambda level: vm.irq_line(irq, level)
+
+    def add_legacy_devices(self, console_sink: Callable[[bytes], None] | None) -> None:
+        from kvmpy.devices.cmos import CmosRtc
+        from kvmpy.devices.debug_exit import DebugExit
+        from kvmpy.devices.i8042 import I8042
+        from kvmpy.devices.post import PostPort
+        from kvmpy.devices.uart import Uart16550
+
+        self.console = self.add_pio_device(
+            Uart16550(name="COM1", sink=console_sink, irq=self.irq_line(COM1_IRQ)), COM1_BASE)
+        self.add_pio_device(I8042(irq_kbd=self.irq_line(I8042_IRQ)), I8042_BASE, "i8042")
+        self.add_pio_device(CmosRtc(mem_size=self.memory.size), CMOS_BASE, "CMOS")
+        self.add_pio_device(PostPort(), POST_PORT, "POST")
+        self.add_pio_device(DebugExit(), DEBUG_EXIT_PORT, "debug-exit")
+
+    # -- images ----------------------------------------------------------------------------
+    def load_flat(self, image: str, load: int, mode: Mode, data: bytes | None = None) -> int:
+        """Copy a flat binary (the file ``image``, or ``data`` read from it) to ``load``."""
+        if data is None:
+            data = read_image(image)
+        end = load + len(data)
+        if not self.memory.contains(load, len(data)):
+            if not self.memory.contains(load):
+                raise ImageError(f"load address {load:#x} is outside guest memory "
+                                 f"(RAM is {self.memory.size // MIB} MiB); choose another --load")
+            raise ImageError(f"{image} ({len(data)} bytes) does not fit in guest memory at "
+                             f"{load:#x}; use a larger --mem or a lower --load")
+        for start, stop, what in reserved_ranges(mode, self.memory.top):
+            if load < stop and start < end:
+                raise ImageError(f"{image} at {load:#x}-{end - 1:#x} overlaps kvmpy's {mode.value}"
+                                 f"-mode {what} at {start:#x}-{stop - 1:#x}; load it elsewhere "
+                                 f"(--load {DEFAULT_LOAD[mode]:#x})")
+        self.memory.write(load, data)
+        return len(data)
+
+    # -- running ---------------------------------------------------------------------------
+    def start(self, setup: Callable, nr_vcpus: int = 1) -> None:
+        from kvmpy.vcpu.runner import VcpuThread
+
+        for i in range(nr_vcpus):
+            t = VcpuThread(self.vm, i, self.dispatcher, setup, self._vcpu_exited)
+            self._threads.append(t)
+            t.start()
+
+    def _vcpu_exited(self, outcome: Outcome | None) -> None:
+        if outcome is not None:
+            self._finish(outcome)
+
+    def _finish(self, outcome: Outcome) -> None:
+        with self._outcome_lock:
+            if self._outcome is None:
+                self._outcome = outcome
+        self._done.set()
+        for t in self._threads:
+            t.stop()
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        """Wait until the guest ends (or ``timeout`` seconds, then stop it)."""
+        try:
+            if not self._done.wait(timeout):
+                self._finish(Outcome(StopReason.TIMEOUT, ExitStatus.TIMEOUT,
+                                     f"the guest was still running after {timeout:g} s"))
+        except KeyboardInterrupt:
+            self._finish(Outcome(StopReason.INTERRUPTED, ExitStatus.INTERRUPTED,
+                                 "interrupted (Ctrl-C)"))
+        self._stop_threads()
+        assert self._outcome is not None
+        return self._outcome
+
+    def stop(self) -> None:
+        self._finish(Outcome(StopReason.STOPPED, ExitStatus.OK, "stopped by the host"))
+
+    def _stop_threads(self) -> None:
+        for t in self._threads:
+            t.stop()
+        for t in self._threads:
+            while not t.join(0.5):   # a vCPU in a long guest instruction: kick again
+                t.stop()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_image(path: str, load: int = 0) -> bytes:
+    """The bytes of a flat binary; GNU assembler source (``*.S``) is assembled for ``load``."""
+    if path.endswith(".S") and os.path.isfile(path):
+        from kvmpy.asm import assemble_file
+
+        try:
+            return assemble_file(path, load)
+        except KvmpyError as e:
+            raise ImageError(f"cannot assemble {path}: {str(e).splitlines()[0]}") from None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError(f"image {path} is a directory, not a file") from None
+    except PermissionError:
+        raise ImageError(f"image {path} is not readable (permission denied)") from None
+    except OSError as e:
+        raise ImageError(f"cannot read image {path}: {e.strerror}") from None
+    if not data:
+        raise ImageError(f"image {path} is empty")
+    return data
+
+
+@dataclass
+class FlatConfig:
+    """What ``kvmpy run`` takes."""
+
+    image: str
+    mode: Mode
+    load: int | None = None
+    entry: int | None = None
+    mem_size: int = DEFAULT_MEM
+    irqchip: bool = False
+    kvm_path: str | None = None
+    console_sink: Callable[[bytes], None] | None = None
+    tracer: object = None
+    extra: dict = field(default_factory=dict)
+
+
+def build_flat(cfg: FlatConfig) -> Machine:
+    """The ``kvmpy run`` recipe. The returned machine is built, not started."""
+    load = DEFAULT_LOAD[cfg.mode] if cfg.load is None else cfg.load
+    entry = load if cfg.entry is None else cfg.entry
+    data = read_image(cfg.image, load)   # the user's input first, before any KVM resource
+    m = Machine(cfg.mem_size, irqchip=cfg.irqchip, kvm_path=cfg.kvm_path, tracer=cfg.tracer)
+    try:
+        m.add_legacy_devices(cfg.console_sink)
+        size = m.load_flat(cfg.image, load, cfg.mode, data)
+        if not m.memory.contains(entry):
+            raise ImageError(f"entry point {entry:#x} is outside guest memory")
+        if cfg.mode is Mode.REAL and entry >= 1 << 20:
+            raise ImageError(f"entry point {entry:#x} is above 1 MiB, unreachable in real mode")
+        m.image_range = (load, load + size)
+        m.entry = entry
+        m.mode = cfg.mode
+        memory = m.memory
+        m.setup = lambda vcpu: setup_vcpu(vcpu, memory, cfg.mode, entry)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+def setup_vcpu(vcpu, memory, mode: Mode, entry: int) -> None:
+    cpuid = vcpu.vm.kvm.get_supported_cpuid()
+    vcpu.set_cpuid2(cpuid)
+    setup_mode(vcpu, memory, mode, entry)
+
+
+def stdout_sink(fd: int = 1) -> Callable[[bytes], None]:
+    def sink(data: bytes) -> None:
+        try:
+            os.write(fd, data)
+        except OSError:   # a closed stdout must not stop the guest
+            pass
+    return sink

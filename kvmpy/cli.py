@@ -1,0 +1,200 @@
+"""The ``kvmpy`` command line: run, demo, doctor.
+
+Imports are lazy: ``kvmpy run`` pays only for what it uses (startup time is measured against
+QEMU's in benchmarks/startup).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+EXIT_STATUS_HELP = """\
+exit status (run, demo):
+  0              the guest halted with interrupts off, reset through the i8042 (0xfe to port
+                 0x64), or was stopped by the host
+  (v << 1) | 1   the guest wrote v to isa-debug-exit (port 0xf4), as QEMU does; always odd
+  2              kvmpy could not start the VM (bad argument, image or /dev/kvm); one-line error
+  4              the guest triple-faulted (KVM_EXIT_SHUTDOWN); a report goes to stderr
+  6              KVM could not emulate an instruction (KVM_EXIT_INTERNAL_ERROR); report with
+                 RIP, CPU mode and instruction bytes on stderr
+  8              KVM could not enter the guest, or an exit kvmpy does not handle
+  10             an internal kvmpy error (a bug: please report it)
+  124            --timeout elapsed
+  130            interrupted (Ctrl-C)
+"""
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '1G', '64k' (binary units); a bare number is MiB, as QEMU's -m."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use a number with K, M or G, "
+                                         "e.g. 512M or 1G")
+    n = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if n == 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} is zero")
+    return n
+
+
+def parse_addr(text: str) -> int:
+    """A guest-physical address in hex (0x...) or decimal."""
+    try:
+        value = int(text.replace("_", ""), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad address {text!r}: use hex (0x100000) or "
+                                         "decimal") from None
+    if value < 0 or value >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"address {text!r} is out of range")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2 (ExitStatus.ERROR)
+        self.exit(2, f"kvmpy: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kvmpy", description="A virtual machine monitor in Python over Linux KVM.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_STATUS_HELP)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def common(sp):
+        sp.add_argument("--mem", type=parse_size, default=None, metavar="SIZE",
+                        help="guest RAM, e.g. 512M or 1G (default 256M)")
+        sp.add_argument("--trace", metavar="FILE",
+                        help="write every exit as one JSON line to FILE ('-' for stderr)")
+        sp.add_argument("--stats", action="store_true",
+                        help="print exits by reason and by device when the VM ends")
+        sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="stop the guest after SECONDS (status 124)")
+        sp.add_argument("--kvm", metavar="PATH", help="KVM device node (default /dev/kvm, or "
+                        "$KVMPY_KVM_DEVICE)")
+
+    r = sub.add_parser("run", help="run a flat binary in real, protected or long mode",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EXIT_STATUS_HELP,
+                       description="Load a flat binary image into guest RAM and start one vCPU "
+                       "at its entry point in the given CPU mode. COM1 (port 0x3f8) goes to "
+                       "stdout. Real mode: CS=0, IP=entry, default load 0x7c00. Protected mode:"
+                       " flat 32-bit segments (CS=0x08, DS=0x10), no paging, default load "
+                       "0x100000. Long mode: the first 4 GiB (or all RAM) identity-mapped, "
+                       "CS=0x18, default load 0x100000. Interrupts are off; SP is 0x7c00 (real) "
+                       "or 0x8000.")
+    r.add_argument("image", metavar="IMAGE", help="flat binary to load, or GNU assembler source "
+                   "(*.S), assembled for the load address with as/ld")
+    r.add_argument("--mode", required=True, choices=["real", "protected", "long"],
+                   help="CPU mode at the first instruction")
+    r.add_argument("--load", type=parse_addr, metavar="ADDR", help="guest-physical load address")
+    r.add_argument("--entry", type=parse_addr, metavar="ADDR",
+                   help="entry point (default: the load address)")
+    r.add_argument("--irqchip", action="store_true",
+                   help="create the in-kernel PIC/IOAPIC/LAPIC and PIT (HLT then waits for "
+                   "interrupts instead of ending the guest)")
+    common(r)
+
+    d = sub.add_parser("demo", help="run the bundled guest that walks from real to long mode",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EXIT_STATUS_HELP)
+    common(d)
+
+    doc = sub.add_parser("doctor", help="check /dev/kvm and say what kind of KVM this host has")
+    doc.add_argument("--kvm", metavar="PATH", help="KVM device node (default /dev/kvm)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kvmpy.errors import KvmpyError
+
+    try:
+        if args.command == "doctor":
+            from kvmpy.doctor import main as doctor_main
+
+            return doctor_main(kvm_path=args.kvm)
+        return _run(args)
+    except KvmpyError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args) -> int:
+    from kvmpy.builder import DEFAULT_MEM, FlatConfig, build_flat, stdout_sink
+    from kvmpy.vcpu.modes import Mode
+
+    if args.command == "demo":
+        from kvmpy.guests import demo_image
+
+        image, mode, load, entry, irqchip = demo_image(), Mode.REAL, 0x7C00, None, False
+    else:
+        image, mode, load, entry = args.image, Mode(args.mode), args.load, args.entry
+        irqchip = args.irqchip
+    tracer, trace_file = None, None
+    if args.trace:
+        from kvmpy.vmexit.trace import Tracer
+
+        if args.trace == "-":
+            trace_file = sys.stderr
+        else:
+            try:
+                trace_file = open(args.trace, "w")
+            except OSError as e:
+                from kvmpy.errors import KvmpyError
+
+                raise KvmpyError(f"cannot write trace file {args.trace}: {e.strerror}") from None
+        tracer = Tracer(trace_file)
+    cfg = FlatConfig(image=image, mode=mode, load=load, entry=entry,
+                     mem_size=args.mem or DEFAULT_MEM, irqchip=irqchip, kvm_path=args.kvm,
+                     console_sink=stdout_sink(), tracer=tracer)
+    try:
+        with build_flat(cfg) as machine:
+            machine.start(machine.setup)
+            outcome = machine.wait(args.timeout)
+            if args.stats:
+                print_stats(machine, outcome)
+    finally:
+        if trace_file is not None:
+            tracer.close()
+            if trace_file is not sys.stderr:
+                trace_file.close()
+    from kvmpy.outcome import StopReason
+
+    if outcome.reason not in (StopReason.DEBUG_EXIT, StopReason.HALT, StopReason.RESET,
+                              StopReason.STOPPED):
+        print(f"kvmpy: {outcome.detail}", file=sys.stderr)
+        if outcome.report:
+            print(outcome.report, file=sys.stderr)
+    return outcome.status
+
+
+def print_stats(machine, outcome, out=sys.stderr) -> None:
+    d = machine.dispatcher
+    w = out.write
+    w(f"kvmpy: guest ended: {outcome.reason.value} ({outcome.detail}); status {outcome.status}\n")
+    counts = d.exit_counts()
+    w(f"exits by reason ({sum(counts.values())} in all):\n")
+    for reason, n in counts.most_common():
+        w(f"  {reason:<18}{n:>10}\n")
+    w("exits by device:\n")
+    w(f"  {'device':<14}{'where':<16}{'reads':>10}{'writes':>10}\n")
+    for bus, kind in ((machine.pio, "port"), (machine.mmio, "mmio")):
+        for m in bus.mappings:
+            where = f"{m.base:#x}-{m.end - 1:#x}"
+            w(f"  {m.name:<14}{where:<16}{m.reads:>10}{m.writes:>10}\n")
+    s = d.stats
+    for port, n in sorted(s.unclaimed_pio.items()):
+        w(f"  {'unassigned':<14}{'port ' + hex(port):<16}{n:>20}\n")
+    for addr, n in sorted(s.unclaimed_mmio.items()):
+        w(f"  {'unassigned':<14}{hex(addr):<16}{n:>20}\n")
+    for name, n in s.device_errors.items():
+        w(f"  device errors contained in {name}: {n}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

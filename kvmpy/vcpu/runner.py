@@ -1,0 +1,122 @@
+"""The vCPU run loop, one thread per vCPU.
+
+A vCPU is created, set up and run in the same thread (KVM expects a vCPU's ioctls from the thread
+that runs it). Stopping from another thread: set ``kvm_run.immediate_exit`` (so a KVM_RUN that is
+about to start returns at once) and send the thread a signal whose no-op handler makes a KVM_RUN
+in progress return EINTR (Documentation/virt/kvm/api.rst, KVM_CAP_IMMEDIATE_EXIT).
+
+:func:`run_loop` is the loop itself: run, decode, handle, until the handler returns an Outcome.
+It takes any object with ``run()``/``run_buffer``/``run_struct`` and so can be tested without
+/dev/kvm.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import traceback
+from typing import Callable
+
+from kvmpy._ffi import lib
+from kvmpy.errors import KvmpyError
+from kvmpy.outcome import ExitStatus, Outcome, StopReason, VmStop
+from kvmpy.vmexit.exits import ExitDecoder
+
+KICK_SIGNAL = signal.SIGRTMIN  # as Firecracker's vcpu kick (SIGRTMIN + 0)
+_kick_installed = False
+_kick_lock = threading.Lock()
+
+
+def install_kick_handler() -> None:
+    global _kick_installed
+    with _kick_lock:
+        if not _kick_installed:
+            if lib.kvmpy_install_kick_handler(int(KICK_SIGNAL)) < 0:
+                raise KvmpyError("cannot install the vCPU kick signal handler")
+            _kick_installed = True
+
+
+def run_loop(vcpu, dispatcher, stopping: Callable[[], bool]) -> Outcome | None:
+    """Run ``vcpu`` until an exit handler ends the VM (an Outcome) or ``stopping()`` (None)."""
+    decode = ExitDecoder(vcpu.run_struct, vcpu.run_buffer).decode
+    handle = dispatcher.handle
+    run = vcpu.run
+    while True:
+        if not run():                 # EINTR: a kick, or a stray signal
+            if stopping():
+                return None
+            continue
+        try:
+            outcome = handle(decode(), vcpu)
+        except VmStop as stop:
+            return stop.outcome
+        if outcome is not None:
+            return outcome
+
+
+class VcpuThread:
+    """Creates vCPU ``vcpu_id`` of ``vm`` in a new thread, runs ``setup(vcpu)``, then the loop.
+
+    ``on_exit(outcome)`` is called once from the thread when the loop ends, with None when the
+    thread was stopped by :meth:`stop`.
+    """
+
+    def __init__(self, vm, vcpu_id: int, dispatcher, setup: Callable, on_exit: Callable):
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.dispatcher = dispatcher
+        self.setup = setup
+        self.on_exit = on_exit
+        self.vcpu = None
+        self.outcome: Outcome | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._main, name=f"kvmpy-vcpu{vcpu_id}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        install_kick_handler()
+        self._thread.start()
+
+    def _main(self) -> None:
+        outcome = None
+        try:
+            vcpu = self.vm.create_vcpu(self.vcpu_id)
+            with self._lock:
+                self.vcpu = vcpu
+                if self._stopping:
+                    vcpu.run_struct.immediate_exit = 1
+            try:
+                self.setup(vcpu)
+                outcome = run_loop(vcpu, self.dispatcher, lambda: self._stopping)
+            finally:
+                with self._lock:
+                    self.vcpu = None
+                    vcpu.close()
+        except VmStop as stop:
+            outcome = stop.outcome
+        except KvmpyError as e:
+            outcome = Outcome(StopReason.VMM_ERROR, ExitStatus.ERROR, str(e))
+        except BaseException as e:  # a kvmpy bug: report it, never leave the VM hanging
+            traceback.print_exc(file=sys.stderr)
+            outcome = Outcome(StopReason.VMM_ERROR, ExitStatus.VMM_ERROR,
+                              f"internal error in kvmpy: {type(e).__name__}: {e}")
+        self.outcome = outcome
+        self.on_exit(outcome)
+
+    def stop(self) -> None:
+        """Ask the loop to end; returns at once (join() waits)."""
+        with self._lock:
+            self._stopping = True
+            if self.vcpu is not None:
+                self.vcpu.run_struct.immediate_exit = 1
+                ident = self._thread.ident
+                if ident is not None and self._thread.is_alive():
+                    try:
+                        signal.pthread_kill(ident, KICK_SIGNAL)
+                    except ProcessLookupError:
+                        pass
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -1,0 +1,1 @@
+"""Virtio device side (ring, devices, transports): see issue 4. Empty for now."""

@@ -1,0 +1,66 @@
+"""Shared test helpers: guests assembled from tests/guests/*.S, a `kvmpy` runner, the hwvirt
+marker's skip (naming the host's KVM flavour)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmpy.asm import assemble
+
+GUESTS = Path(__file__).parent / "guests"
+LIB16 = (GUESTS / "lib16.inc").read_text()
+
+
+def pytest_collection_modifyitems(config, items):
+    from kvmpy.doctor import kvm_flavour
+
+    kind, desc = kvm_flavour()
+    if kind == "hardware":
+        return
+    skip = pytest.mark.skip(reason=f"needs hardware virtualization (VT-x/AMD-V); this host's "
+                                   f"KVM is {kind}: {desc}")
+    for item in items:
+        if "hwvirt" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def guest_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("guests")
+
+
+@pytest.fixture(scope="session")
+def build_guest(guest_dir):
+    """build_guest(name, base, source=None) -> path of the flat binary of tests/guests/NAME.S
+    (or of ``source``), assembled for load address ``base``. Real-mode guests get lib16.inc."""
+    cache: dict = {}
+
+    def build(name: str, base: int = 0x7C00, source: str | None = None) -> str:
+        key = (name, base, source)
+        if key not in cache:
+            text = source if source is not None else (GUESTS / f"{name}.S").read_text()
+            text = LIB16 + "\n" + text
+            out = guest_dir / f"{name}-{base:x}.bin"
+            out.write_bytes(assemble(text, base))
+            cache[key] = str(out)
+        return cache[key]
+
+    return build
+
+
+def run_kvmpy(*args: str, timeout: float = 60, input: bytes | None = None,
+              env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run the kvmpy CLI as a user would (a new process), capturing stdout/stderr as text."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "kvmpy", *args], capture_output=True,
+                          timeout=timeout, input=input if input is not None else b"", env=e, **kw)
+
+
+@pytest.fixture
+def kvmpy_cli():
+    return run_kvmpy

@@ -1,0 +1,56 @@
+"""Every fd, thread and mmap is released when a VM ends, however it ends."""
+import os
+import threading
+
+from kvmpy.builder import FlatConfig, Machine, build_flat
+from kvmpy.vcpu.modes import Mode
+
+
+def counts():
+    fds = len(os.listdir("/proc/self/fd"))
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for _ in f)
+    return fds, threading.active_count(), maps
+
+
+def test_200_vms_leak_nothing(build_guest):
+    img = build_guest("uart_hello")
+    out = []
+    # warm up (first use loads modules, installs the kick handler)
+    with build_flat(FlatConfig(img, Mode.REAL, console_sink=out.append)) as m:
+        m.start(m.setup)
+        m.wait(10)
+    before = counts()
+    for i in range(200):
+        with build_flat(FlatConfig(img, Mode.REAL, mem_size=8 << 20,
+                                   console_sink=out.append)) as m:
+            if i % 2 == 0:   # half of them run to the end, half are closed without running
+                m.start(m.setup)
+                assert m.wait(10).status == 0x21
+    after = counts()
+    assert after[0] == before[0], "fds leaked"
+    assert after[1] == before[1], "threads leaked"
+    assert after[2] <= before[2] + 2, "mmaps leaked"
+
+
+def test_timeout_and_exception_paths_release_everything(build_guest):
+    spin = build_guest("spin")
+    before = counts()
+    for _ in range(5):
+        with build_flat(FlatConfig(spin, Mode.REAL, console_sink=lambda b: None)) as m:
+            m.start(m.setup)
+            assert m.wait(0.05).status == 124
+    try:
+        with build_flat(FlatConfig(spin, Mode.REAL, console_sink=lambda b: None)) as m:
+            m.start(m.setup)
+            raise KeyError("user code failed while the VM ran")
+    except KeyError:
+        pass
+    assert counts()[:2] == before[:2]
+
+
+def test_machine_without_devices_closes():
+    before = counts()
+    with Machine(4 << 20):
+        pass
+    assert counts()[:2] == before[:2]
