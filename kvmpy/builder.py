@@ -126,6 +126,17 @@ class Machine:
         self.add_pio_device(PostPort(), POST_PORT, "POST")
         self.add_pio_device(DebugExit(), DEBUG_EXIT_PORT, "debug-exit")
 
+    def attach_console_input(self, fd: int) -> None:
+        """Feed host fd ``fd`` (stdin) to COM1 until the machine closes."""
+        from kvmpy.console import ConsoleInput
+
+        try:
+            os.fstat(fd)
+        except OSError:
+            return   # no standard input at all
+        reader = ConsoleInput(fd, self.console).start()
+        self._stack.callback(reader.stop)
+
     # -- images ----------------------------------------------------------------------------
     def load_flat(self, image: str, load: int, mode: Mode, data: bytes | None = None) -> int:
         """Copy a flat binary (the file ``image``, or ``data`` read from it) to ``load``."""

@@ -154,6 +154,7 @@ def _run(args) -> int:
                      console_sink=stdout_sink(), tracer=tracer)
     try:
         with build_flat(cfg) as machine:
+            machine.attach_console_input(0)
             machine.start(machine.setup)
             outcome = machine.wait(args.timeout)
             if args.stats:

@@ -57,8 +57,10 @@ def run_kvmpy(*args: str, timeout: float = 60, input: bytes | None = None,
     """Run the kvmpy CLI as a user would (a new process), capturing stdout/stderr as text."""
     e = dict(os.environ)
     e.update(env or {})
+    if "stdin" not in kw:
+        kw["input"] = input if input is not None else b""
     return subprocess.run([sys.executable, "-m", "kvmpy", *args], capture_output=True,
-                          timeout=timeout, input=input if input is not None else b"", env=e, **kw)
+                          timeout=timeout, env=e, **kw)
 
 
 @pytest.fixture

@@ -268,6 +268,75 @@ def test_uart_wide_and_out_of_window_accesses():
     assert uart.register_name(1, False) == "DLM"
 
 
+def test_uart_linux_8250_autoconfig_sees_a_16550a():
+    """The register dance of Linux's autoconfig() / autoconfig_16550a() (8250_port.c)."""
+    p, _, _ = make_uart()
+    # Existence test: IER reads back 0, then 0x0f.
+    p.out(IER, 0)
+    assert p.inp(IER) & 0x0F == 0
+    p.out(IER, 0x0F)
+    assert p.inp(IER) & 0x0F == 0x0F
+    p.out(IER, 0)
+    # Loopback test: MCR = LOOP | OUT2 | RTS must show DCD | CTS.
+    p.out(MCR, 0x1A)
+    assert p.inp(MSR) & 0xF0 == 0x90
+    p.out(MCR, 0)
+    # FIFO test: IIR bits 7-6 = 3 means a 16550A.
+    p.out(FCR, 0x01)
+    assert p.inp(IIR) >> 6 == 3
+    # No EFR at offset 2 with LCR = 0x80 or 0xbf (16650 tests): IIR shows through, non-zero.
+    for lcr in (0x80, 0xBF):
+        p.out(LCR, lcr)
+        assert p.inp(IIR) != 0
+    # Not a 16750: FCR bit 5 does not set IIR bit 5, with or without DLAB.
+    p.out(LCR, 0)
+    p.out(FCR, 0x21)
+    assert p.inp(IIR) & 0xE0 == 0xC0
+    p.out(LCR, 0x80)
+    p.out(FCR, 0x21)
+    assert p.inp(IIR) & 0xE0 == 0xC0
+    p.out(LCR, 0)
+    # Not an XScale: IER bit 6 (UUE) does not stick.
+    p.out(IER, 0x40)
+    assert p.inp(IER) == 0
+    # serial8250_do_startup's THRE test: THRE must be re-asserted after IER is toggled.
+    p.out(IER, 0x02)
+    iir1 = p.inp(IIR)
+    p.out(IER, 0)
+    p.out(IER, 0x02)
+    iir2 = p.inp(IIR)
+    p.out(IER, 0)
+    assert not iir1 & 0x01 and not iir2 & 0x01
+
+
+def test_uart_host_thread_feed_with_flow_control_loses_nothing():
+    import threading
+    import time as _time
+
+    p, uart, _ = make_uart()
+    p.out(FCR, 0x01)
+    data = bytes(random.Random(7).randrange(256) for _ in range(5000))
+
+    def host():
+        i = 0
+        while i < len(data):
+            room = uart.rx_free()
+            i += uart.feed(data[i:i + room]) if room else 0
+            if not room:
+                _time.sleep(0)
+
+    t = threading.Thread(target=host)
+    t.start()
+    got = bytearray()
+    deadline = _time.monotonic() + 30
+    while len(got) < len(data) and _time.monotonic() < deadline:
+        if p.inp(LSR) & 0x01:
+            got.append(p.inp(RBR))
+    t.join(5)
+    assert bytes(got) == data
+    assert uart.rx_dropped == 0
+
+
 def test_uart_fuzz_never_raises():
     rng = random.Random(0x16550)
     irq = IrqRecorder()
@@ -344,6 +413,28 @@ def keyboard(p: Ports, *data: int) -> list[int]:
     while p.inp(CMD) & 0x01:
         out.append(p.inp(DATA))
     return out
+
+
+def test_i8042_linux_probe_sequence():
+    """What i8042_controller_check/selftest/init and i8042_check_aux/mux do (i8042.c)."""
+    p, kbd = make_kbd()
+    kbd.feed_scancodes(b"\x1c\x9c")             # keys pressed before the driver loaded
+    assert len(keyboard(p)) == 2                  # i8042_flush
+    assert command(p, 0xAA) == [0x55]
+    ctr = command(p, 0x20)
+    assert ctr == command(p, 0x20) == [0x45]      # read twice, must agree
+    ctr = (ctr[0] & ~0x01) | 0x10                 # keyboard interrupt off, interface disabled
+    assert command(p, 0x60, ctr) == []
+    assert command(p, 0xD3, 0x5A) == [0x5A]       # AUX loopback
+    assert command(p, 0xA7) == []
+    assert command(p, 0x20)[0] & 0x20             # AUX disable sticks
+    assert command(p, 0xA8) == []
+    assert not command(p, 0x20)[0] & 0x20
+    # Active-multiplexing probe: a plain echo of the third byte means "not a MUX".
+    assert [command(p, 0xD3, b)[0] for b in (0xF0, 0x56, 0xA4)] == [0xF0, 0x56, 0xA4]
+    command(p, 0x60, 0x45)                        # keyboard port enabled, interrupt on
+    assert keyboard(p, 0xF2) == [0xFA, 0xAB, 0x41]  # atkbd_probe: translated MF2 keyboard
+    assert keyboard(p, 0xF4) == [0xFA]
 
 
 def test_i8042_self_tests():
@@ -448,8 +539,8 @@ def test_i8042_reset_only_through_fe():
         p.out(CMD, cmd)                           # pulse commands: recorded, not acted on
     p.out(CMD, 0xD1)
     p.out(DATA, 0x00)                             # output port with the reset bit low
-    p.out(DATA, 0xFE)                             # 0xFE as data goes to the keyboard
-    assert keyboard(p) == [0xFE]                  # ... which calls it invalid
+    p.out(DATA, 0xFE)                             # 0xFE as data goes to the keyboard ...
+    assert keyboard(p) == [0xFA]                  # ... as "resend": it repeats its last ACK
 
 
 def test_i8042_irq1():
@@ -465,7 +556,8 @@ def test_i8042_irq1():
     irq.calls.clear()
     p.out(DATA, 0xFF)
     assert irq.calls == []
-    command(p, 0x60, 0x45)                        # on again with bytes waiting
+    p.out(CMD, 0x60)                              # on again with bytes waiting
+    p.out(DATA, 0x45)
     assert irq.calls == [1]
 
 

@@ -147,3 +147,20 @@ def test_demo_walks_to_long_mode_and_halts(tmp_path):
     err = p.stderr.decode()
     assert re.search(r"IO\s+\d{3,}", err) and re.search(r"HLT\s+1", err)
     assert re.search(r"COM1\s+0x3f8-0x3ff\s+\d+\s+\d+", err)
+
+
+def test_uart_interrupt_through_irqchip(build_guest):
+    p = kvmpy_run(build_guest("uart_irq"), "real", "--irqchip", "--timeout", "20",
+                  input=b"abq")
+    assert p.returncode == 0x21, p.stderr
+    assert p.stdout == b"waiting\nrx:a\nrx:b\n"
+
+
+def test_console_input_without_interrupts(build_guest, tmp_path):
+    # polling guest: stdin from a regular file (cannot be polled by epoll) reaches RBR too
+    (tmp_path / "in.txt").write_bytes(b"abq")
+    with open(tmp_path / "in.txt", "rb") as f:
+        p = run_kvmpy("run", build_guest("uart_poll"), "--mode", "real", "--timeout", "20",
+                      input=None, stdin=f)
+    assert p.returncode == 0x21, p.stderr
+    assert p.stdout == b"abq"

@@ -30,7 +30,8 @@ def test_200_vms_leak_nothing(build_guest):
     after = counts()
     assert after[0] == before[0], "fds leaked"
     assert after[1] == before[1], "threads leaked"
-    assert after[2] <= before[2] + 2, "mmaps leaked"
+    # glibc may keep a few arenas/thread stacks around; a leak per VM would show 100s of maps
+    assert after[2] < before[2] + 20, "mmaps leaked"
 
 
 def test_timeout_and_exception_paths_release_everything(build_guest):
