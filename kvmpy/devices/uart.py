@@ -58,7 +58,7 @@ IER_MASK = 0x0F
 IIR_RLSI = 0x06         # 1st: receiver line status (OE/PE/FE/BI); cleared by reading LSR
 IIR_RDI = 0x04          # 2nd: received data available / trigger level reached; read RBR
 IIR_CTI = 0x0C          # 2nd: character timeout (FIFO mode only); read RBR
-IIR_THRI = 0x02         # 3rd: THR empty; cleared by reading IIR (if it is the source) or writing THR
+IIR_THRI = 0x02         # 3rd: THR empty; cleared by reading IIR (if the source) or writing THR
 IIR_MSI = 0x00          # 4th: modem status; cleared by reading MSR
 IIR_NO_INT = 0x01
 IIR_FIFO = 0xC0         # bits 6-7 are set when FCR bit 0 is set; bits 4-5 are always 0
@@ -292,8 +292,9 @@ class Uart16550(BusDevice):
     def _set_modem_inputs(self) -> None:
         if self._mcr & MCR_LOOP:
             # Loopback wiring, datasheet "MCR bit 4": DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD.
-            new = ((MSR_DSR if self._mcr & MCR_DTR else 0) | (MSR_CTS if self._mcr & MCR_RTS else 0)
-                   | (MSR_RI if self._mcr & MCR_OUT1 else 0) | (MSR_DCD if self._mcr & MCR_OUT2 else 0))
+            mcr = self._mcr
+            new = ((MSR_DSR if mcr & MCR_DTR else 0) | (MSR_CTS if mcr & MCR_RTS else 0)
+                   | (MSR_RI if mcr & MCR_OUT1 else 0) | (MSR_DCD if mcr & MCR_OUT2 else 0))
         else:
             new = _NULL_MODEM
         changed = self._msr_inputs ^ new
