@@ -126,15 +126,24 @@ class Machine:
         self.add_pio_device(PostPort(), POST_PORT, "POST")
         self.add_pio_device(DebugExit(), DEBUG_EXIT_PORT, "debug-exit")
 
-    def attach_console_input(self, fd: int) -> None:
-        """Feed host fd ``fd`` (stdin) to COM1 until the machine closes."""
+    def attach_console_input(self, fd: int, interactive: bool = False) -> None:
+        """Feed host fd ``fd`` (stdin) to COM1 until the machine closes. ``interactive``: a
+        terminal in raw mode with the Ctrl-A escape keys (Ctrl-A x ends the VM)."""
         from kvmpy.console import ConsoleInput
 
         try:
             os.fstat(fd)
         except OSError:
             return   # no standard input at all
-        reader = ConsoleInput(fd, self.console).start()
+        transform = None
+        if interactive:
+            from kvmpy.terminal import EscapeFilter, RawTerminal, stderr_echo
+
+            self._stack.enter_context(RawTerminal(fd))
+            transform = EscapeFilter(
+                lambda: self._finish(Outcome(StopReason.STOPPED, ExitStatus.OK,
+                                             "ended with Ctrl-A x")), stderr_echo)
+        reader = ConsoleInput(fd, self.console, transform).start()
         self._stack.callback(reader.stop)
 
     # -- images ----------------------------------------------------------------------------

@@ -154,7 +154,9 @@ def _run(args) -> int:
                      console_sink=stdout_sink(), tracer=tracer)
     try:
         with build_flat(cfg) as machine:
-            machine.attach_console_input(0)
+            from kvmpy.terminal import is_interactive
+
+            machine.attach_console_input(0, interactive=is_interactive(0))
             machine.start(machine.setup)
             outcome = machine.wait(args.timeout)
             if args.stats:

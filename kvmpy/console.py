@@ -5,7 +5,7 @@ feeds the UART only as much as its FIFO has room for: host input is never droppe
 paces it by reading RBR. (The UART itself still bounds its FIFO and drops what overflows, for
 callers that flood it: shared/hostile-inputs.md item 20.)
 
-Raw terminal mode and escape keys (Ctrl-A x) belong to `kvmpy boot` and are not here.
+Raw terminal mode and the Ctrl-A escape keys live in kvmpy/terminal.py (``transform``).
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import threading
 class ConsoleInput:
     POLL_FULL = 0.005   # seconds between retries while the guest has not drained the FIFO
 
-    def __init__(self, fd: int, uart):
+    def __init__(self, fd: int, uart, transform=None):
         self.fd = fd
         self.uart = uart
+        self.transform = transform   # e.g. kvmpy.terminal.EscapeFilter
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stop = False
         self._thread = threading.Thread(target=self._main, name="kvmpy-console-in", daemon=True)
@@ -61,7 +62,7 @@ class ConsoleInput:
                     except OSError:
                         data = b""
                     if data:
-                        pending = data
+                        pending = self.transform(data) if self.transform else data
                     else:
                         eof = True
                         if not always_ready:

@@ -1,0 +1,126 @@
+"""PCI configuration space, mechanism #1 (ports 0xCF8-0xCFF), with bus 0 and its host bridge.
+
+PCI Local Bus Specification 3.0, 3.2.2.3.2: a 32-bit write to CONFIG_ADDRESS (0xCF8) selects
+bus/device/function/register when bit 31 (enable) is set; CONFIG_DATA (0xCFC-0xCFF) then reads or
+writes that register, at byte offset (port - 0xCFC). Anything that addresses no function reads
+all-ones and drops writes (the master-abort behaviour), including bus != 0, the reserved bits
+1:0 of CONFIG_ADDRESS, disabled accesses, and accesses that would cross the 4-byte register
+(e.g. 4 bytes at 0xCFE) -- shared/hostile-inputs.md item 24.
+
+Non-dword accesses to 0xCF8-0xCFB are not CONFIG_ADDRESS on a PC (the chipset routes them
+elsewhere, 0xCF9 being the reset control register); they are ignored here.
+
+Functions implement :class:`PciFunction` (config space as 256 bytes with per-byte write masks);
+virtio-pci devices will plug into :class:`PciBus` the same way the host bridge does.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+
+from kvmpy.vmexit.bus import BusDevice
+
+CONFIG_ADDRESS_ENABLE = 1 << 31
+# Type 0 header offsets (PCI 3.0, figure 6-1)
+VENDOR_ID, DEVICE_ID, COMMAND, STATUS = 0x00, 0x02, 0x04, 0x06
+REVISION, CLASS_PROG, SUBCLASS, CLASS = 0x08, 0x09, 0x0A, 0x0B
+HEADER_TYPE = 0x0E
+SUBSYS_VENDOR, SUBSYS_ID = 0x2C, 0x2E
+
+
+class PciFunction:
+    """A function's 256-byte configuration space. Writable bits are those set in ``wmask``."""
+
+    name = "pci-function"
+
+    def __init__(self, vendor: int, device: int, class_code: int, subclass: int, prog_if: int = 0,
+                 revision: int = 0, header_type: int = 0):
+        self.config = bytearray(256)
+        self.wmask = bytearray(256)
+        struct.pack_into("<HH", self.config, VENDOR_ID, vendor, device)
+        self.config[REVISION] = revision
+        self.config[CLASS_PROG] = prog_if
+        self.config[SUBCLASS] = subclass
+        self.config[CLASS] = class_code
+        self.config[HEADER_TYPE] = header_type
+        # COMMAND: I/O space, memory space, bus master, INTx disable are the guest's to set
+        struct.pack_into("<H", self.wmask, COMMAND, 0x0407)
+
+    def config_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.config[offset:offset + size], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        for i in range(size):
+            b = (value >> (8 * i)) & 0xFF
+            m = self.wmask[offset + i]
+            self.config[offset + i] = (self.config[offset + i] & ~m) | (b & m)
+
+
+class HostBridge(PciFunction):
+    """Device 0 of bus 0: a host bridge (class 06/00), Intel i440FX IDs as QEMU's pc machine."""
+
+    name = "host-bridge"
+
+    def __init__(self):
+        super().__init__(vendor=0x8086, device=0x1237, class_code=0x06, subclass=0x00,
+                         revision=0x02)
+
+
+class PciBus:
+    """Bus 0: up to 32 devices x 8 functions."""
+
+    def __init__(self):
+        self.functions: dict[tuple[int, int], PciFunction] = {}
+
+    def add(self, function: PciFunction, device: int | None = None, fn: int = 0) -> int:
+        if device is None:
+            device = next(d for d in range(32) if (d, 0) not in self.functions)
+        if not (0 <= device < 32 and 0 <= fn < 8) or (device, fn) in self.functions:
+            raise ValueError(f"PCI slot {device}.{fn} is taken or invalid")
+        self.functions[(device, fn)] = function
+        return device
+
+
+class PciConfigIo(BusDevice):
+    """Ports 0xCF8-0xCFF: CONFIG_ADDRESS at offset 0, CONFIG_DATA at offsets 4-7."""
+
+    name = "PCI"
+    window = 8
+
+    def __init__(self, bus: PciBus):
+        self.bus = bus
+        self.address = 0
+        self._lock = threading.Lock()
+
+    def _target(self, data_offset: int, size: int):
+        a = self.address
+        if not a & CONFIG_ADDRESS_ENABLE or a & 0x3:
+            return None
+        bus, dev, fn = (a >> 16) & 0xFF, (a >> 11) & 0x1F, (a >> 8) & 0x7
+        reg = (a & 0xFC) + data_offset
+        if bus != 0 or data_offset + size > 4:
+            return None
+        f = self.bus.functions.get((dev, fn))
+        return (f, reg) if f is not None else None
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            if offset == 0:
+                return self.address if size == 4 else (1 << (8 * size)) - 1
+            if offset >= 4:
+                t = self._target(offset - 4, size)
+                if t is not None:
+                    return t[0].config_read(t[1], size)
+            return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            if offset == 0 and size == 4:
+                self.address = value & 0xFFFFFFFF
+            elif offset >= 4:
+                t = self._target(offset - 4, size)
+                if t is not None:
+                    t[0].config_write(t[1], size, value)
+
+    def register_name(self, offset: int, is_write: bool) -> str | None:
+        return "CONFIG_ADDRESS" if offset < 4 else "CONFIG_DATA"
