@@ -43,7 +43,7 @@ deps:
 $(STAMP): pyproject.toml setup.py | deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 build: $(STAMP) kvmpy/_kvm.stamp kvmpy/guests/demo.bin

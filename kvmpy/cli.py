@@ -6,6 +6,7 @@ QEMU's in benchmarks/startup).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -52,6 +53,18 @@ def parse_addr(text: str) -> int:
     return value
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    # argparse's formatter imports shutil for the terminal width whenever a parser is built;
+    # os.get_terminal_size is enough and keeps `kvmpy run` startup lean.
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            try:
+                width = os.get_terminal_size(sys.stderr.fileno()).columns - 2
+            except OSError:
+                width = 78
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, status 2 (ExitStatus.ERROR)
         self.exit(2, f"kvmpy: {message} (see `{self.prog} --help`)\n")
@@ -59,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvmpy", description="A virtual machine monitor in Python over Linux KVM.",
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_STATUS_HELP)
+                formatter_class=_Formatter, epilog=EXIT_STATUS_HELP)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -76,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "$KVMPY_KVM_DEVICE)")
 
     r = sub.add_parser("run", help="run a flat binary in real, protected or long mode",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=_Formatter,
                        epilog=EXIT_STATUS_HELP,
                        description="Load a flat binary image into guest RAM and start one vCPU "
                        "at its entry point in the given CPU mode. COM1 (port 0x3f8) goes to "
@@ -98,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
 
     d = sub.add_parser("demo", help="run the bundled guest that walks from real to long mode",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=_Formatter,
                        epilog=EXIT_STATUS_HELP)
     common(d)
 

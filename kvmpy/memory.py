@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import mmap
 import struct
-from dataclasses import dataclass
 
 from kvmpy._ffi import ffi
 from kvmpy.errors import GuestMemoryError
@@ -23,14 +22,16 @@ _U64 = struct.Struct("<Q")
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
-@dataclass
 class MemoryRegion:
     """``size`` bytes of RAM at guest-physical ``gpa``, backed by ``mapping``."""
 
-    gpa: int
-    size: int
-    mapping: mmap.mmap
-    host_address: int
+    __slots__ = ("gpa", "size", "mapping", "host_address")
+
+    def __init__(self, gpa: int, size: int, mapping: mmap.mmap, host_address: int):
+        self.gpa, self.size, self.mapping, self.host_address = gpa, size, mapping, host_address
+
+    def __repr__(self) -> str:
+        return f"<MemoryRegion {self.gpa:#x}+{self.size:#x}>"
 
     @property
     def end(self) -> int:

@@ -13,7 +13,7 @@ import signal
 import sys
 import termios
 import tty
-from typing import Callable
+from collections.abc import Callable
 
 ESCAPE = 0x01  # Ctrl-A
 HELP = (b"\r\nkvmpy escape keys (after Ctrl-A):\r\n"

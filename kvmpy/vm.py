@@ -6,25 +6,18 @@ The Vm owns its fd only. Guest RAM is owned by :class:`kvmpy.memory.GuestMemory`
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import collections
 
 from kvmpy import ioctls
 from kvmpy._ffi import ffi, lib
 from kvmpy.errors import KvmError
 
 
-@dataclass(frozen=True)
-class MsiRoute:
-    gsi: int
-    address: int
-    data: int
-
-
-@dataclass(frozen=True)
-class IrqchipRoute:
-    gsi: int
-    irqchip: int  # 0 PIC master, 1 PIC slave, 2 IOAPIC (KVM_IRQCHIP_*)
-    pin: int
+# GSI routes for set_gsi_routing (struct kvm_irq_routing_msi / _irqchip). namedtuples, not
+# dataclasses or typing.NamedTuple: both cost milliseconds of startup.
+MsiRoute = collections.namedtuple("MsiRoute", "gsi address data")
+#: irqchip: 0 PIC master, 1 PIC slave, 2 IOAPIC (KVM_IRQCHIP_*)
+IrqchipRoute = collections.namedtuple("IrqchipRoute", "gsi irqchip pin")
 
 
 class Vm:

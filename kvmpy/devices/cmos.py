@@ -28,10 +28,9 @@ Accesses wider than one byte touch only the addressed register (its byte in the 
 """
 from __future__ import annotations
 
-import datetime
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from kvmpy.vmexit.bus import BusDevice
 
@@ -82,9 +81,10 @@ D_VRT = 0x80
 KiB = 1024
 MiB = 1024 * KiB
 
-_EPOCH = datetime.datetime(1970, 1, 1)
-_MIN_T = (datetime.datetime(1, 1, 1) - _EPOCH).total_seconds()
-_MAX_T = (datetime.datetime(9999, 12, 31, 23, 59, 59) - _EPOCH).total_seconds()
+# Seconds since the epoch of 0001-01-01 00:00:00 and 9999-12-31 23:59:59 UTC: the range the
+# century/year registers can show. (Plain numbers: importing datetime costs startup time.)
+_MIN_T = -62135596800
+_MAX_T = 253402300799
 
 _NAMES = {SECONDS: "SECONDS", SECONDS_ALARM: "SECONDS_ALARM", MINUTES: "MINUTES",
           MINUTES_ALARM: "MINUTES_ALARM", HOURS: "HOURS", HOURS_ALARM: "HOURS_ALARM",
@@ -218,20 +218,21 @@ class CmosRtc(BusDevice):
     def _time_registers(self) -> dict[int, int]:
         """The time registers as the guest reads them now, in the current data/hour modes."""
         t = min(max(self._clock() + self._offset, _MIN_T), _MAX_T)
-        now = _EPOCH + datetime.timedelta(seconds=int(t // 1))
+        now = time.gmtime(int(t // 1))
+        hour = now.tm_hour
         if self._ram[REG_B] & B_24H:
-            hours = self._encode(now.hour)
+            hours = self._encode(hour)
         else:
-            hours = self._encode(now.hour % 12 or 12) | (HOUR_PM if now.hour >= 12 else 0)
+            hours = self._encode(hour % 12 or 12) | (HOUR_PM if hour >= 12 else 0)
         return {
-            SECONDS: self._encode(now.second),
-            MINUTES: self._encode(now.minute),
+            SECONDS: self._encode(now.tm_sec),
+            MINUTES: self._encode(now.tm_min),
             HOURS: hours,
-            DAY_OF_WEEK: self._encode(now.isoweekday() % 7 + 1),    # Sunday = 1
-            DAY_OF_MONTH: self._encode(now.day),
-            MONTH: self._encode(now.month),
-            YEAR: self._encode(now.year % 100),
-            CENTURY: self._encode(now.year // 100),
+            DAY_OF_WEEK: self._encode((now.tm_wday + 1) % 7 + 1),    # tm_wday Monday=0; Sunday = 1
+            DAY_OF_MONTH: self._encode(now.tm_mday),
+            MONTH: self._encode(now.tm_mon),
+            YEAR: self._encode(now.tm_year % 100),
+            CENTURY: self._encode(now.tm_year // 100),
         }
 
     def _set_time(self, regs: dict[int, int]) -> None:
@@ -242,6 +243,9 @@ class CmosRtc(BusDevice):
             hour = self._decode(hour_raw)
         else:
             hour = self._decode(hour_raw & ~HOUR_PM) % 12 + (12 if hour_raw & HOUR_PM else 0)
+        import datetime   # only when the guest sets the clock
+
+        epoch = datetime.datetime(1970, 1, 1)
         year = self._decode(regs[CENTURY]) * 100 + self._decode(regs[YEAR])
         try:
             guest = (datetime.datetime(min(max(year, 1), 9999),
@@ -252,4 +256,4 @@ class CmosRtc(BusDevice):
                                           seconds=self._decode(regs[SECONDS])))
         except OverflowError:
             return                                  # past year 9999: keep the old time
-        self._offset = (guest - _EPOCH).total_seconds() - self._clock()
+        self._offset = (guest - epoch).total_seconds() - self._clock()

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from kvmpy.outcome import ExitStatus, Outcome, StopReason, VmStop
 from kvmpy.vmexit.bus import BusDevice

@@ -14,8 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from kvmpy._ffi import lib
 from kvmpy.errors import KvmpyError
@@ -98,6 +97,8 @@ class VcpuThread:
         except KvmpyError as e:
             outcome = Outcome(StopReason.VMM_ERROR, ExitStatus.ERROR, str(e))
         except BaseException as e:  # a kvmpy bug: report it, never leave the VM hanging
+            import traceback
+
             traceback.print_exc(file=sys.stderr)
             outcome = Outcome(StopReason.VMM_ERROR, ExitStatus.VMM_ERROR,
                               f"internal error in kvmpy: {type(e).__name__}: {e}")

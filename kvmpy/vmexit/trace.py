@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import IO
 
 
 class Tracer:
-    def __init__(self, out: IO[str]):
+    def __init__(self, out):   # a text file
         self._out = out
         self._lock = threading.Lock()
         self._t0 = time.monotonic()
