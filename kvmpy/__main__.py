@@ -1,5 +1,3 @@
-import sys
+from kvmpy.cli import entry
 
-from kvmpy.cli import main
-
-sys.exit(main())
+entry()

@@ -108,8 +108,12 @@ class Kvm:
         """KVM_CREATE_VM (machine type 0: the default x86 VM)."""
         from kvmpy.vm import Vm
 
-        fd = self._ioctl("KVM_CREATE_VM", ioctls.KVM_CREATE_VM, 0)
-        return Vm(self, fd)
+        while True:
+            fd = lib.kvmpy_ioctl_int(self._fd, ioctls.KVM_CREATE_VM, 0)
+            if fd >= 0:
+                return Vm(self, fd)
+            if ffi.errno != errno.EINTR:   # a signal during VM creation: retry, as QEMU does
+                raise KvmError("KVM_CREATE_VM", ffi.errno)
 
 
 def new_cpuid2(nent: int):

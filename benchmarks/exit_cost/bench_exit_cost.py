@@ -120,7 +120,8 @@ def _check(m: Machine, outcome: Outcome, counter: Counter, expected: int) -> Non
     io_exits = m.dispatcher.exit_counts().get("IO", 0)
     if outcome.status != 1 or counter.count != expected or io_exits != expected + 2:
         raise SystemExit(f"bench_exit_cost: kvmpy run went wrong: {outcome}, {counter.count} "
-                         f"writes to port {COUNT_PORT:#x} (expected {expected}), {io_exits} IO exits")
+                         f"writes to port {COUNT_PORT:#x} (expected {expected}), "
+                         f"{io_exits} IO exits")
 
 
 def run_kvmpy(image: str, mem_mib: int, expected: int) -> dict[str, int]:

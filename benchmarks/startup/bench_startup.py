@@ -21,8 +21,10 @@ times them with PYTHONDONTWRITEBYTECODE=1 instead (every kvmpy module compiled f
 every run, as in an environment that sets it). Before timing, both guests are run once with
 VALUE=0x2a to check that each VMM really exits through debug-exit (status 0x55).
 
-Then ``python -X importtime`` of the same kvmpy command shows which modules it imports and what
-they cost, and cProfile of kvmpy.cli.main shows the rest of the time.
+Then ``python -X importtime`` of the same kvmpy command shows which modules it imports, what they
+cost, and which kvmpy module brings in each stdlib or third-party one. --profile adds the phases
+of one `kvmpy run` (interpreter and site, imports, main(), finalization; and how long the run is
+when it ends with os._exit), then kvmpy.cli.main timed and cProfiled in one process.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 from kvmpy.asm import assemble
 
@@ -114,7 +117,8 @@ def measure(helper: str, cmds: dict[str, list[str]], env: dict[str, str], runs: 
     return samples
 
 
-def table(title: str, samples: dict[str, list[tuple[float, int]]]) -> dict[str, tuple[float, float]]:
+def table(title: str,
+          samples: dict[str, list[tuple[float, int]]]) -> dict[str, tuple[float, float]]:
     print(title)
     print(f"{'command':<12}{'wall ms (median)':>18}{'min':>8}{'max':>8}{'peak RSS MiB':>14}")
     med = {}
@@ -132,63 +136,149 @@ def table(title: str, samples: dict[str, list[tuple[float, int]]]) -> dict[str, 
     return med
 
 
-def importtime(argv: list[str], env: dict[str, str], runs: int) -> list[tuple[str, int, int, int]]:
-    """(module, self µs, cumulative µs, depth) from ``-X importtime``, median over ``runs``."""
-    per: dict[str, list[tuple[int, int, int]]] = collections.defaultdict(list)
-    order: list[str] = []
-    for _ in range(runs):
+Module = tuple[str, int, int, int, "str | None"]   # name, self µs, cumulative µs, depth, parent
+
+
+def importtime(argv: list[str], env: dict[str, str], runs: int) -> list[Module]:
+    """Modules from ``-X importtime`` of ``argv``, in its order, times the median over ``runs``.
+
+    importtime prints a module after the modules it imported, one indent level deeper, so the
+    parent of a line is the next line that is less indented.
+    """
+    per: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    first: list[tuple[str, int]] = []
+    parent: dict[str, str] = {}
+    seen: set[str] = set()
+    for run in range(runs):
         p = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], env=env,
                            capture_output=True, text=True, timeout=60)
+        pending: list[tuple[str, int]] = []
         for line in p.stderr.splitlines():
             if not line.startswith("import time:") or "self [us]" in line:
                 continue
             self_us, cum_us, name = line[len("import time:"):].split("|")
             depth = (len(name) - len(name.lstrip())) // 2
             name = name.strip()
-            if name not in per:
-                order.append(name)
-            per[name].append((int(self_us), int(cum_us), depth))
-    return [(n, int(statistics.median(s for s, _, _ in per[n])),
-             int(statistics.median(c for _, c, _ in per[n])), per[n][0][2]) for n in order]
+            per[name].append((int(self_us), int(cum_us)))
+            if run == 0:
+                while pending and pending[-1][1] > depth:
+                    parent.setdefault(pending.pop()[0], name)
+                pending.append((name, depth))
+                if name not in seen:
+                    seen.add(name)
+                    first.append((name, depth))
+    return [(n, int(statistics.median(s for s, _ in per[n])),
+             int(statistics.median(c for _, c in per[n])), d, parent.get(n)) for n, d in first]
+
+
+def _is_kvmpy(name: str | None) -> bool:
+    return name is not None and name.split(".")[0] == "kvmpy"
 
 
 def report_imports(kvmpy_cmd: list[str], python_cmd: list[str], env: dict[str, str],
                    runs: int) -> None:
     mods = importtime([python_cmd[0], *kvmpy_cmd], env, runs)
-    base = {n for n, *_ in importtime(python_cmd, env, runs)}
-    total = sum(s for _, s, _, _ in mods)
+    base = {m[0] for m in importtime(python_cmd, env, runs)}
+    total = sum(m[1] for m in mods)
     extra = [m for m in mods if m[0] not in base]
-    extra_total = sum(s for _, s, _, _ in extra)
+    extra_total = sum(m[1] for m in extra)
     print(f"\n`python -X importtime` of `kvmpy run` (median of {runs} runs): {len(mods)} modules, "
           f"{total / 1000:.1f} ms of import time in all; {len(extra)} of them "
           f"({extra_total / 1000:.1f} ms) are not imported by `python -c pass`")
-    groups: collections.Counter[str] = collections.Counter()
-    for name, self_us, _, _ in extra:
-        top = name.split(".")[0]
-        groups["kvmpy (its own modules)" if top == "kvmpy" else
-               "_cffi_backend / cffi" if "cffi" in top else top] += self_us
-    print("self time by top-level package, modules beyond `python -c pass`:")
-    for top, us in groups.most_common(12):
-        print(f"  {top:<30}{us / 1000:>8.2f} ms")
+    own = sum(m[1] for m in extra if _is_kvmpy(m[0]))
+    print(f"  kvmpy's own {sum(1 for m in extra if _is_kvmpy(m[0]))} modules: "
+          f"{own / 1000:.1f} ms self time; the other {(extra_total - own) / 1000:.1f} ms are "
+          "stdlib and third-party modules they pull in")
     print("kvmpy modules (self / cumulative ms, in import order):")
-    for name, self_us, cum_us, depth in mods:
-        if name.split(".")[0] == "kvmpy":
+    for name, self_us, cum_us, depth, _ in mods:
+        if _is_kvmpy(name):
             print(f"  {'  ' * depth}{name:<40}{self_us / 1000:>7.2f}{cum_us / 1000:>9.2f}")
-    print("slowest other modules kvmpy pulls in (self ms):")
-    others = sorted((m for m in extra if m[0].split(".")[0] != "kvmpy"), key=lambda m: -m[1])
-    for name, self_us, cum_us, _ in others[:12]:
-        print(f"  {name:<40}{self_us / 1000:>7.2f}")
+    # Non-kvmpy modules that a kvmpy module imports itself (or that function code imports
+    # at run time, at the top level after kvmpy started), with all they import in turn.
+    started = False
+    blame: list[tuple[int, str, str]] = []
+    for name, _, cum_us, depth, par in mods:
+        started = started or _is_kvmpy(name)
+        if _is_kvmpy(name) or name in base:
+            continue
+        if _is_kvmpy(par):
+            blame.append((cum_us, name, f"imported by {par}"))
+        elif par is None and started:
+            blame.append((cum_us, name, "imported at run time by function code"))
+    print("stdlib / third-party modules that kvmpy brings in, with what they import in turn "
+          "(cumulative ms, largest first):")
+    for cum_us, name, why in sorted(blame, reverse=True)[:14]:
+        print(f"  {name:<22}{cum_us / 1000:>7.2f}  {why}")
+
+
+PHASES = """\
+import cProfile, pstats, statistics, sys, time
+t0 = time.perf_counter()
+from kvmpy.cli import main
+t1 = time.perf_counter()
+argv = ['run', sys.argv[1], '--mode', 'real']
+main(argv)
+t2 = time.perf_counter()
+steady = []
+for _ in range(7):
+    t = time.perf_counter(); main(argv); steady.append(time.perf_counter() - t)
+print(f"import kvmpy.cli: {(t1 - t0) * 1e3:.1f} ms; first main() (with its lazy imports): "
+      f"{(t2 - t1) * 1e3:.1f} ms; later main() (modules loaded: parse args, build the VM, run, "
+      f"tear down): median {statistics.median(steady) * 1e3:.1f} ms")
+p = cProfile.Profile()
+p.enable(); main(argv); p.disable()
+print("cProfile of one later main(), by own time:")
+pstats.Stats(p).sort_stats("tottime").print_stats(TOP)
+"""
 
 
 def profile_main(guest: str, env: dict[str, str], python: str, top: int) -> str:
-    """cProfile of kvmpy.cli.main in a child (imports included: kvmpy's are lazy)."""
-    code = ("import cProfile, pstats, sys\n"
-            "from kvmpy.cli import main\n"
-            "p = cProfile.Profile()\n"
-            f"p.enable(); rc = main(['run', {guest!r}, '--mode', 'real']); p.disable()\n"
-            f"pstats.Stats(p, stream=sys.stderr).sort_stats('cumulative').print_stats({top})\n")
-    p = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    return p.stderr
+    """Time kvmpy.cli.main in a child: the first call (lazy imports) and later calls, profiled."""
+    p = subprocess.run([python, "-c", PHASES.replace("TOP", str(top)), guest], env=env,
+                       capture_output=True, text=True, timeout=60)
+    return p.stdout + p.stderr
+
+
+# What the console script does, with monotonic timestamps written to an inherited pipe; with
+# FAST_EXIT, it ends by os._exit instead of sys.exit (no interpreter finalization).
+PHASE_CHILD = """\
+import os, sys, time
+a = time.monotonic_ns()
+from kvmpy.cli import main
+b = time.monotonic_ns()
+rc = main(['run', sys.argv[1], '--mode', 'real'])
+c = time.monotonic_ns()
+os.write(int(sys.argv[2]), f"{a} {b} {c}".encode())
+if sys.argv[3] == "1":
+    sys.stdout.flush(); sys.stderr.flush(); os._exit(rc)
+sys.exit(rc)
+"""
+
+
+def phases(guest: str, env: dict[str, str], python: str, runs: int) -> str:
+    """Median wall time of each phase of one `kvmpy run`, from spawn to reap."""
+    names = ["spawn, interpreter, site", "import kvmpy.cli", "main(): lazy imports, VM work",
+             "finalization and exit", "total"]
+    lines = []
+    for fast in (False, True):
+        rows = []
+        for _ in range(runs):
+            r, w = os.pipe()
+            os.set_inheritable(w, True)
+            null = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+            t0 = time.monotonic_ns()
+            pid = os.posix_spawn(python, [python, "-c", PHASE_CHILD, guest, str(w),
+                                          "1" if fast else "0"], env, file_actions=null)
+            os.close(w)
+            os.wait4(pid, 0)
+            t1 = time.monotonic_ns()
+            with os.fdopen(r) as f:
+                a, b, c = map(int, f.read().split())
+            rows.append((a - t0, b - a, c - b, t1 - c, t1 - t0))
+        med = [statistics.median(row[i] for row in rows) / 1e6 for i in range(len(names))]
+        how = "os._exit after main()" if fast else "sys.exit, as the console script"
+        lines.append(f"  {how}: " + ", ".join(f"{n} {m:.1f} ms" for n, m in zip(names, med)))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pyc", action="store_true",
                    help="also time with PYTHONDONTWRITEBYTECODE=1 (no .pyc for kvmpy)")
     p.add_argument("--imports", type=int, default=5, help="importtime runs (0: skip)")
-    p.add_argument("--profile", action="store_true", help="also cProfile kvmpy.cli.main")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the phases of `kvmpy run` and cProfile kvmpy.cli.main")
     args = p.parse_args(argv)
 
     out = os.path.abspath(args.out)
@@ -233,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.imports:
         report_imports(cmds["kvmpy"], cmds["python"], env, args.imports)
     if args.profile:
-        print("\ncProfile of kvmpy.cli.main (one run, .pyc cached), by cumulative time:")
-        print(profile_main(guest, env, python, 25))
+        print(f"\nphases of `kvmpy run` (.pyc cached; median of {args.runs} runs; spawned from "
+              "this process, so the first phase includes its posix_spawn):")
+        print(phases(guest, env, python, args.runs))
+        print("\nkvmpy.cli.main in one process (.pyc cached):")
+        print(profile_main(guest, env, python, 12))
     return 0
 
 

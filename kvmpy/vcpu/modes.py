@@ -84,11 +84,21 @@ def _segment(seg, selector: int, code: bool, long: bool = False, db: bool = True
     seg.db = 0 if long else (1 if db else 0)
 
 
-def _write_gdt(memory) -> None:
-    memory.write_u64(GDT_ADDR + 0x00, 0)
-    memory.write_u64(GDT_ADDR + SEL_CODE32, GDT_CODE32)
-    memory.write_u64(GDT_ADDR + SEL_DATA, GDT_DATA)
-    memory.write_u64(GDT_ADDR + SEL_CODE64, GDT_CODE64)
+# The Linux boot protocol's selectors (Documentation/arch/x86/boot.rst, "32-bit boot protocol"
+# and "64-bit boot protocol"): __BOOT_CS = 0x10 (flat code, 32- or 64-bit), __BOOT_DS = 0x18.
+LINUX_BOOT_CS = 0x10
+LINUX_BOOT_DS = 0x18
+
+
+def _write_gdt(memory, linux: int = 0) -> None:
+    """kvmpy's GDT (0x08 code32, 0x10 data, 0x18 code64), or with ``linux`` = 32 or 64 the
+    Linux boot protocol's (0x10 code of that width, 0x18 data)."""
+    entries = {0x00: 0, SEL_CODE32: GDT_CODE32, SEL_DATA: GDT_DATA, SEL_CODE64: GDT_CODE64}
+    if linux:
+        entries = {0x00: 0, 0x08: 0, LINUX_BOOT_CS: GDT_CODE64 if linux == 64 else GDT_CODE32,
+                   LINUX_BOOT_DS: GDT_DATA}
+    for sel, desc in entries.items():
+        memory.write_u64(GDT_ADDR + sel, desc)
     # 64-bit available TSS descriptor, 16 bytes (SDM vol. 3A, 8.2.3): type 9, P=1
     base, limit = TSS_ADDR, TSS_LIMIT
     lo = ((limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x9 << 40) | (1 << 47)
@@ -145,13 +155,14 @@ def setup_real_mode(vcpu, entry: int) -> None:
     vcpu.set_regs(regs)
 
 
-def setup_protected_mode(vcpu, memory, entry: int) -> None:
-    """Flat 32-bit protected mode, no paging, interrupts off: CS=0x08, data segments 0x10."""
-    _write_gdt(memory)
+def setup_protected_mode(vcpu, memory, entry: int, linux: bool = False) -> None:
+    """Flat 32-bit protected mode, no paging, interrupts off: CS=0x08, data segments 0x10
+    (``linux``: CS=0x10, DS=0x18, as the 32-bit boot protocol, PVH and multiboot loaders do)."""
+    _write_gdt(memory, 32 if linux else 0)
     sregs = vcpu.get_sregs()
-    _segment(sregs.cs, SEL_CODE32, code=True)
+    _segment(sregs.cs, LINUX_BOOT_CS if linux else SEL_CODE32, code=True)
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        _segment(seg, SEL_DATA, code=False)
+        _segment(seg, LINUX_BOOT_DS if linux else SEL_DATA, code=False)
     _set_tables(sregs, idt_limit=0)
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE
     sregs.cr4 = 0
@@ -160,14 +171,18 @@ def setup_protected_mode(vcpu, memory, entry: int) -> None:
     _set_entry(vcpu, entry)
 
 
-def setup_long_mode(vcpu, memory, entry: int) -> None:
-    """64-bit mode: RAM (at least the first 4 GiB) identity-mapped, CS=0x18 (L=1), interrupts off."""
-    _write_gdt(memory)
-    write_identity_map(memory, memory.top)
+def setup_long_mode(vcpu, memory, entry: int, linux: bool = False) -> None:
+    """64-bit mode: RAM (at least the first 4 GiB) identity-mapped, CS=0x18 (L=1), interrupts off.
+
+    ``linux``: the 64-bit boot protocol's state instead (boot.rst): CS=__BOOT_CS (0x10),
+    DS/ES/SS=__BOOT_DS (0x18), only the first 4 GiB mapped (the protocol needs the kernel, zero
+    page and command line mapped; more would grow the tables into the boot data)."""
+    _write_gdt(memory, 64 if linux else 0)
+    write_identity_map(memory, 0 if linux else memory.top)
     sregs = vcpu.get_sregs()
-    _segment(sregs.cs, SEL_CODE64, code=True, long=True)
+    _segment(sregs.cs, LINUX_BOOT_CS if linux else SEL_CODE64, code=True, long=True)
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        _segment(seg, SEL_DATA, code=False)
+        _segment(seg, LINUX_BOOT_DS if linux else SEL_DATA, code=False)
     _set_tables(sregs, idt_limit=0)
     sregs.cr3 = PML4_ADDR
     sregs.cr4 = CR4_PAE

@@ -1,0 +1,95 @@
+"""kvmpy boot on synthetic kernels: the real loader, zero page, e820, initrd and command line,
+checked by guest code that prints what it was given."""
+import re
+
+import pytest
+
+from conftest import GUESTS, LIB16, run_kvmpy
+from synthetic import bzimage, zeropage_kernel
+
+
+@pytest.fixture(scope="module")
+def zp_kernel(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kernels")
+    path = d / "bzImage"
+    path.write_bytes(zeropage_kernel(LIB16, (GUESTS / "zeropage64.S").read_text()))
+    return path
+
+
+def parse(out: bytes) -> dict:
+    lines = out.decode().splitlines()
+    res = {"cmdline": lines[0][len("cmdline:"):]}
+    n = int(lines[1][len("e820:"):], 16)
+    res["e820"] = [tuple(int(x, 16) for x in l.split()) for l in lines[2:2 + n]]
+    init = lines[2 + n][len("initrd:"):].split()
+    res["initrd"] = (int(init[0], 16), int(init[1], 16), init[2])
+    m = re.match(r"loader:(\w+) flags:(\w+)", lines[3 + n])
+    res["loader"], res["loadflags"] = int(m.group(1), 16), int(m.group(2), 16)
+    return res
+
+
+def test_bzimage_boot_protocol(zp_kernel, tmp_path):
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(bytes(range(1, 9)) + b"\xaa" * 5000)
+    p = run_kvmpy("boot", "--kernel", str(zp_kernel), "--initrd", str(initrd),
+                  "--append", "console=ttyS0 hello=world", "--mem", "256M")
+    assert p.returncode == 0x21, p.stderr
+    r = parse(p.stdout)
+    assert r["cmdline"] == "console=ttyS0 hello=world"
+    assert r["e820"] == [(0, 0x9FC00, 1), (0x9FC00, 0x100000 - 0x9FC00, 2),
+                         (0x100000, (256 << 20) - 0x100000, 1)]
+    addr, size, first = r["initrd"]
+    assert size == 5008 and addr % 4096 == 0
+    assert addr + size <= 256 << 20 and addr >= 0x200000      # above the kernel's init_size
+    assert first == "0403020108070605"                          # LE dwords of 01..08
+    assert r["loader"] == 0xFF and r["loadflags"] & 0x01        # undefined loader, LOADED_HIGH
+
+
+def test_bzimage_boot_high_memory(zp_kernel):
+    p = run_kvmpy("boot", "--kernel", str(zp_kernel), "--mem", "5G", "--append", "x")
+    assert p.returncode == 0x21, p.stderr
+    r = parse(p.stdout)
+    assert (0x1_0000_0000, 2 << 30, 1) in r["e820"]            # RAM above the MMIO hole
+    assert (0x100000, 0xC000_0000 - 0x100000, 1) in r["e820"]
+    assert r["initrd"][:2] == (0, 0)
+
+
+def test_boot_default_cmdline(zp_kernel):
+    p = run_kvmpy("boot", "--kernel", str(zp_kernel))
+    assert p.returncode == 0x21, p.stderr
+    assert parse(p.stdout)["cmdline"].startswith("console=ttyS0")
+
+
+def test_boot_smp_starts_only_the_bsp(zp_kernel):
+    # the APs wait for INIT/SIPI; the synthetic kernel never sends one, so only the BSP runs
+    p = run_kvmpy("boot", "--kernel", str(zp_kernel), "--cpus", "2", "--stats")
+    assert p.returncode == 0x21, p.stderr
+
+
+def one_line(p, *words):
+    err = p.stderr.decode()
+    assert p.returncode == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_boot_errors(zp_kernel, tmp_path):
+    k = str(zp_kernel)
+    (tmp_path / "junk").write_bytes(b"\x13" * 5000)
+    one_line(run_kvmpy("boot", "--kernel", str(tmp_path / "junk")), "not a Linux kernel")
+    (tmp_path / "trunc").write_bytes(zp_kernel.read_bytes()[:700])
+    one_line(run_kvmpy("boot", "--kernel", str(tmp_path / "trunc")), "truncated")
+    (tmp_path / "old").write_bytes(bzimage(b"\xf4" * 0x300, version=0x0204))
+    one_line(run_kvmpy("boot", "--kernel", str(tmp_path / "old")), "too old")
+    one_line(run_kvmpy("boot", "--kernel", str(tmp_path / "nope")), "does not exist")
+    one_line(run_kvmpy("boot", "--kernel", k, "--initrd", str(tmp_path / "no.img")),
+             "initrd", "does not exist")
+    one_line(run_kvmpy("boot", "--kernel", k, "--cpus", "0"), "--cpus 0")
+    one_line(run_kvmpy("boot", "--kernel", k, "--cpus", "100000"), "--cpus 100000")
+    one_line(run_kvmpy("boot", "--kernel", k, "--append", "x" * 3000), "command line", "2047")
+    one_line(run_kvmpy("boot", "--kernel", k, "--mem", "8M"), "too small")
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(60 << 20)
+    one_line(run_kvmpy("boot", "--kernel", k, "--mem", "40M", "--initrd", str(big)),
+             "initrd", "does not fit")
