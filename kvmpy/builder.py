@@ -202,7 +202,35 @@ class Machine:
     def stop(self) -> None:
         self._finish(Outcome(StopReason.STOPPED, ExitStatus.OK, "stopped by the host"))
 
+    @property
+    def vcpu_threads(self):
+        return list(self._threads)
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop every vCPU outside KVM_RUN until resume(); returns once all are paused."""
+        if getattr(self, "_resume", None) is not None:
+            return
+        self._resume = resume = threading.Event()
+        paused = threading.Semaphore(0)
+
+        def hold(vcpu):
+            paused.release()
+            resume.wait()
+
+        live = [t for t in self._threads if t._thread.is_alive()]
+        for t in live:
+            t.call(hold)
+        for _ in live:
+            if not paused.acquire(timeout=timeout):
+                break
+
+    def resume(self) -> None:
+        resume, self._resume = getattr(self, "_resume", None), None
+        if resume is not None:
+            resume.set()
+
     def _stop_threads(self) -> None:
+        self.resume()
         for t in self._threads:
             t.stop()
         for t in self._threads:

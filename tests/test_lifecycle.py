@@ -55,3 +55,22 @@ def test_machine_without_devices_closes():
     with Machine(4 << 20):
         pass
     assert counts()[:2] == before[:2]
+
+
+def test_pause_and_resume_a_spinning_guest(build_guest):
+    out = []
+    with build_flat(FlatConfig(build_guest("uart_poll"), Mode.REAL,
+                               console_sink=out.append)) as m:
+        m.start(m.setup)
+        import time
+        time.sleep(0.2)
+        m.pause()
+        before = m.dispatcher.exit_counts()["IO"]
+        time.sleep(0.3)
+        assert m.dispatcher.exit_counts()["IO"] == before   # no exits while paused
+        m.resume()
+        time.sleep(0.2)
+        assert m.dispatcher.exit_counts()["IO"] > before
+        m.console.feed(b"q")
+        assert m.wait(10).status == 0x21
+    assert b"".join(out) == b"q"

@@ -35,8 +35,13 @@ def install_kick_handler() -> None:
             _kick_installed = True
 
 
-def run_loop(vcpu, dispatcher, stopping: Callable[[], bool]) -> Outcome | None:
-    """Run ``vcpu`` until an exit handler ends the VM (an Outcome) or ``stopping()`` (None)."""
+def run_loop(vcpu, dispatcher, stopping: Callable[[], bool],
+             interrupted: Callable | None = None) -> Outcome | None:
+    """Run ``vcpu`` until an exit handler ends the VM (an Outcome) or ``stopping()`` (None).
+
+    ``interrupted(vcpu)``, if given, is called (in this thread, outside KVM_RUN) whenever
+    KVM_RUN was interrupted by a kick; pause requests and debuggers act there. It may return an
+    Outcome to end the VM."""
     decode = ExitDecoder(vcpu.run_struct, vcpu.run_buffer).decode
     handle = dispatcher.handle
     run = vcpu.run
@@ -44,6 +49,13 @@ def run_loop(vcpu, dispatcher, stopping: Callable[[], bool]) -> Outcome | None:
         if not run():                 # EINTR: a kick, or a stray signal
             if stopping():
                 return None
+            if interrupted is not None:
+                try:
+                    outcome = interrupted(vcpu)
+                except VmStop as stop:
+                    return stop.outcome
+                if outcome is not None:
+                    return outcome
             continue
         try:
             outcome = handle(decode(), vcpu)
@@ -70,6 +82,7 @@ class VcpuThread:
         self.outcome: Outcome | None = None
         self._stopping = False
         self._lock = threading.Lock()
+        self._requests: list[Callable] = []   # run in this vCPU's thread at the next kick
         self._thread = threading.Thread(target=self._main, name=f"kvmpy-vcpu{vcpu_id}",
                                         daemon=True)
 
@@ -87,7 +100,8 @@ class VcpuThread:
                     vcpu.run_struct.immediate_exit = 1
             try:
                 self.setup(vcpu)
-                outcome = run_loop(vcpu, self.dispatcher, lambda: self._stopping)
+                outcome = run_loop(vcpu, self.dispatcher, lambda: self._stopping,
+                                   self._run_requests)
             finally:
                 with self._lock:
                     self.vcpu = None
@@ -104,6 +118,35 @@ class VcpuThread:
                               f"internal error in kvmpy: {type(e).__name__}: {e}")
         self.outcome = outcome
         self.on_exit(outcome)
+
+    def _run_requests(self, vcpu) -> Outcome | None:
+        with self._lock:
+            requests, self._requests = self._requests, []
+            if not self._stopping:   # a stop that raced with this keeps its immediate_exit
+                vcpu.run_struct.immediate_exit = 0
+        for fn in requests:
+            outcome = fn(vcpu)
+            if outcome is not None:
+                return outcome
+        return None
+
+    def call(self, fn: Callable) -> None:
+        """Run ``fn(vcpu)`` in this vCPU's thread as soon as it is out of KVM_RUN (pause,
+        debugger stops, register reads). ``fn`` may block; it may return an Outcome."""
+        with self._lock:
+            self._requests.append(fn)
+        self._kick()
+
+    def _kick(self) -> None:
+        with self._lock:
+            if self.vcpu is not None:
+                self.vcpu.run_struct.immediate_exit = 1
+                ident = self._thread.ident
+                if ident is not None and self._thread.is_alive():
+                    try:
+                        signal.pthread_kill(ident, KICK_SIGNAL)
+                    except ProcessLookupError:
+                        pass
 
     def stop(self) -> None:
         """Ask the loop to end; returns at once (join() waits)."""
