@@ -1,5 +1,5 @@
-"""Shared test helpers: guests assembled from tests/guests/*.S, a `kvmpy` runner, the hwvirt
-marker's skip (naming the host's KVM flavour)."""
+"""Shared test helpers: guests assembled from tests/guests/*.S and a `kvmpy` runner. (The hwvirt
+marker and its skip come from kvmpy's own pytest plugin, kvmpy/pytest_plugin.py.)"""
 from __future__ import annotations
 
 import os
@@ -13,19 +13,6 @@ from kvmpy.asm import assemble
 
 GUESTS = Path(__file__).parent / "guests"
 LIB16 = (GUESTS / "lib16.inc").read_text()
-
-
-def pytest_collection_modifyitems(config, items):
-    from kvmpy.doctor import kvm_flavour
-
-    kind, desc = kvm_flavour()
-    if kind == "hardware":
-        return
-    skip = pytest.mark.skip(reason=f"needs hardware virtualization (VT-x/AMD-V); this host's "
-                                   f"KVM is {kind}: {desc}")
-    for item in items:
-        if "hwvirt" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

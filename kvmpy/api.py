@@ -1,0 +1,266 @@
+"""``kvmpy.VM``: a VM for scripts and test rigs, disposable and scriptable.
+
+    with kvmpy.VM(image="guest.S", mode="real") as vm:
+        vm.console.expect(rb"login:", timeout=30)
+        vm.console.sendline("uname -a")
+        result = vm.wait(timeout=10)        # ExitResult: status, reason, detail, exits
+
+Keywords mirror the CLI: ``kernel=, initrd=, append=, cpus=`` boot Linux (``kvmpy boot``);
+``image=, mode=, load=, entry=, irqchip=`` run a flat binary (``kvmpy run``); ``mem=`` is a size
+('512M') or bytes. The VM starts on ``__enter__`` (or ``start()``), and ``close()`` / ``__exit__``
+release every fd, mmap and thread whatever happened, KeyboardInterrupt included. Many VMs may run
+in one process, from several threads.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import threading
+import time
+
+from kvmpy.errors import KvmpyError
+from kvmpy.outcome import ExitStatus, Outcome, StopReason
+
+
+class ConsoleTimeout(KvmpyError):
+    """expect() did not see its pattern in time."""
+
+
+class Console:
+    """The guest's COM1: everything it wrote (``output``), expect(), send()."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._pos = 0          # expect() searches from here: the end of the previous match
+        self._cond = threading.Condition()
+        self.uart = None
+
+    # sink for the UART (vCPU thread)
+    def _write(self, data: bytes) -> None:
+        with self._cond:
+            self._buf += data
+            self._cond.notify_all()
+
+    @property
+    def output(self) -> bytes:
+        with self._cond:
+            return bytes(self._buf)
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def expect(self, pattern, timeout: float = 10.0) -> re.Match:
+        """Wait until ``pattern`` (regex, str or bytes) matches output not yet consumed by an
+        earlier expect(); returns the match (against bytes). ConsoleTimeout after ``timeout``."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        rx = re.compile(pattern) if isinstance(pattern, bytes) else pattern
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                m = rx.search(self._buf, self._pos)
+                if m:
+                    self._pos = m.end()
+                    return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    tail = bytes(self._buf[-200:]).decode(errors="replace")
+                    raise ConsoleTimeout(f"console did not show {rx.pattern!r} within "
+                                         f"{timeout:g} s; last output: {tail!r}")
+                self._cond.wait(left)
+
+    def send(self, data: bytes | str, timeout: float = 10.0) -> None:
+        """Type ``data`` into the guest's UART, as fast as the guest drains its FIFO."""
+        if isinstance(data, str):
+            data = data.encode()
+        deadline = time.monotonic() + timeout
+        while data:
+            room = self.uart.rx_free()
+            if room:
+                data = data[self.uart.feed(data[:room]):]
+            elif time.monotonic() > deadline:
+                raise ConsoleTimeout(f"guest did not read its console input within {timeout:g} s")
+            else:
+                time.sleep(0.001)
+
+    def sendline(self, line: str | bytes = b"", timeout: float = 10.0) -> None:
+        if isinstance(line, str):
+            line = line.encode()
+        self.send(line + b"\n", timeout)
+
+
+class ExitResult:
+    """How the VM ended: ``status`` (what `kvmpy run` would return), ``reason`` (StopReason
+    value, e.g. 'debug-exit', 'halt', 'timeout'), ``detail``, ``report`` and ``exits``
+    (counts by KVM exit reason)."""
+
+    def __init__(self, outcome: Outcome, exits: collections.Counter):
+        self.outcome = outcome
+        self.status = int(outcome.status)
+        self.reason = outcome.reason.value
+        self.detail = outcome.detail
+        self.report = outcome.report
+        self.exits = exits
+
+    def __repr__(self) -> str:
+        return f"<ExitResult status={self.status} reason={self.reason} ({self.detail})>"
+
+
+def _size(mem) -> int:
+    if isinstance(mem, int):
+        return mem
+    from kvmpy.cli import parse_size
+
+    try:
+        return parse_size(str(mem))
+    except Exception as e:
+        raise KvmpyError(str(e)) from None
+
+
+class VM:
+    def __init__(self, *, kernel: str | None = None, initrd: str | None = None,
+                 append: str | None = None, image: str | None = None, mode: str | None = None,
+                 load: int | None = None, entry: int | None = None, mem="256M", cpus: int = 1,
+                 irqchip: bool = False, disks=(), nets=(), timeout: float | None = None,
+                 trace: str | None = None, kvm_path: str | None = None, fast_boot: bool = False):
+        if (kernel is None) == (image is None):
+            raise KvmpyError("kvmpy.VM needs either kernel= (Linux) or image= and mode= "
+                             "(a flat binary)")
+        if disks or nets:
+            raise KvmpyError("disks= and nets= need virtio devices, which this kvmpy version "
+                             "does not have yet")
+        self.console = Console()
+        self.timeout = timeout
+        self._trace_file = None
+        tracer = None
+        if trace:
+            from kvmpy.vmexit.trace import Tracer
+
+            self._trace_file = open(trace, "w")
+            tracer = Tracer(self._trace_file)
+        try:
+            if kernel is not None:
+                from kvmpy.linux import DEFAULT_CMDLINE, LinuxConfig, build_linux
+
+                self._machine = build_linux(LinuxConfig(
+                    kernel, initrd, DEFAULT_CMDLINE if append is None else append,
+                    mem_size=_size(mem), cpus=cpus, fast_boot=fast_boot, kvm_path=kvm_path,
+                    console_sink=self.console._write, tracer=tracer))
+                self._nr_vcpus = cpus
+            else:
+                from kvmpy.builder import FlatConfig, build_flat
+                from kvmpy.vcpu.modes import Mode
+
+                if mode not in ("real", "protected", "long"):
+                    raise KvmpyError(f"mode={mode!r}: use 'real', 'protected' or 'long'")
+                self._machine = build_flat(FlatConfig(
+                    image, Mode(mode), load, entry, _size(mem), irqchip, kvm_path,
+                    console_sink=self.console._write, tracer=tracer))
+                self._nr_vcpus = 1
+        except BaseException:
+            if self._trace_file:
+                self._trace_file.close()
+            raise
+        self.console.uart = self._machine.console
+        self._started = False
+        self._result: ExitResult | None = None
+
+    @property
+    def machine(self):
+        return self._machine
+
+    def start(self) -> "VM":
+        if not self._started:
+            self._started = True
+            self._machine.start(self._machine.setup, self._nr_vcpus)
+        return self
+
+    def __enter__(self) -> "VM":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait(self, timeout: float | None = None) -> ExitResult:
+        """Wait for the guest to end; after ``timeout`` (or the VM's) it is stopped and the result
+        says 'timeout' (status 124). A KeyboardInterrupt stops the VM, then propagates."""
+        if self._result is not None:
+            return self._result
+        self.start()
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            outcome = self._machine.wait(timeout)
+        except KeyboardInterrupt:
+            self.close()
+            raise
+        if outcome.reason is StopReason.INTERRUPTED:
+            self.close()
+            raise KeyboardInterrupt
+        self._result = ExitResult(outcome, self._machine.dispatcher.exit_counts())
+        return self._result
+
+    def stop(self) -> ExitResult:
+        self._machine.stop()
+        return self.wait()
+
+    def pause(self) -> None:
+        self._machine.pause()
+
+    def resume(self) -> None:
+        self._machine.resume()
+
+    def read_memory(self, gpa: int, size: int) -> bytes:
+        return self._machine.memory.read(gpa, size)
+
+    def write_memory(self, gpa: int, data: bytes) -> None:
+        self._machine.memory.write(gpa, data)
+
+    def registers(self, vcpu: int = 0, timeout: float = 5.0) -> dict:
+        """General and control registers of ``vcpu``, read in its own thread."""
+        threads = self._machine.vcpu_threads
+        if not 0 <= vcpu < len(threads):
+            raise KvmpyError(f"no vCPU {vcpu} (the VM has {len(threads)})")
+        done = threading.Event()
+        box: dict = {}
+
+        def read(v):
+            r, s = v.get_regs(), v.get_sregs()
+            for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9",
+                         "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"):
+                box[name] = getattr(r, name)
+            for name in ("cr0", "cr2", "cr3", "cr4", "efer"):
+                box[name] = getattr(s, name)
+            box["cs"] = s.cs.selector
+            done.set()
+
+        threads[vcpu].call(read)
+        if not done.wait(timeout):
+            raise KvmpyError(f"vCPU {vcpu} did not answer within {timeout:g} s (has it ended?)")
+        return box
+
+    def flush_trace(self) -> None:
+        f = self._trace_file
+        if f is not None:
+            try:
+                f.flush()
+            except ValueError:   # closed meanwhile
+                pass
+
+    def close(self) -> None:
+        m = getattr(self, "_machine", None)
+        if m is not None:
+            if self._result is None and self._started:
+                m.stop()
+                outcome = m.wait(5)
+                self._result = ExitResult(outcome, m.dispatcher.exit_counts())
+            m.close()
+        if self._trace_file is not None:
+            self._trace_file.close()
+            self._trace_file = None
+
+
+__all__ = ["VM", "ExitResult", "Console", "ConsoleTimeout", "ExitStatus"]

@@ -1,0 +1,101 @@
+"""kvmpy.VM: the scripting API test rigs use."""
+import os
+import resource
+import signal
+import threading
+import time
+
+import pytest
+
+import kvmpy
+from kvmpy.api import ConsoleTimeout
+from kvmpy.errors import KvmpyError
+
+
+def counts():
+    return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+
+def test_console_expect_and_sendline(build_guest):
+    with kvmpy.VM(image=build_guest("uart_poll"), mode="real", timeout=20) as vm:
+        vm.console.sendline("hello")
+        m = vm.console.expect(rb"hel+o\n", timeout=10)
+        assert m.group(0) == b"hello\n"
+        vm.console.send("q")
+        r = vm.wait()
+    assert r.status == 0x21 and r.reason == "debug-exit"
+    assert r.exits["IO"] > 10
+    assert vm.console.output == b"hello\nq"
+
+
+def test_expect_timeout_names_pattern(build_guest):
+    with kvmpy.VM(image=build_guest("spin"), mode="real") as vm:
+        vm.console.expect("spinning")
+        with pytest.raises(ConsoleTimeout, match="never-printed"):
+            vm.console.expect("never-printed", timeout=0.3)
+
+
+def test_hanging_vm_is_stopped_by_its_timeout(build_guest):
+    with kvmpy.VM(image=build_guest("spin"), mode="real", timeout=0.3) as vm:
+        r = vm.wait()
+    assert (r.status, r.reason) == (124, "timeout")
+
+
+def test_memory_and_registers(build_guest):
+    with kvmpy.VM(image=build_guest("spin"), mode="real") as vm:
+        vm.console.expect("spinning")
+        regs = vm.registers(0)
+        assert 0x7C00 <= regs["rip"] < 0x7E00 and regs["cr0"] & 1 == 0
+        assert vm.read_memory(0x7C00, 1) == open(build_guest("spin"), "rb").read()[:1]
+        vm.write_memory(0x1000, b"kvmpy")
+        assert vm.read_memory(0x1000, 5) == b"kvmpy"
+        vm.pause()
+        vm.resume()
+        r = vm.stop()
+    assert r.reason == "stopped"
+
+
+def test_bad_arguments():
+    with pytest.raises(KvmpyError, match="either kernel= .* or image="):
+        kvmpy.VM()
+    with pytest.raises(KvmpyError, match="mode="):
+        kvmpy.VM(image="x.bin", mode="weird")
+
+
+def test_keyboard_interrupt_releases_everything(build_guest):
+    img = build_guest("spin")
+    before = counts()
+    main = threading.main_thread().ident
+    threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        with kvmpy.VM(image=img, mode="real") as vm:
+            vm.wait()
+    time.sleep(0.05)   # the Timer thread ends
+    assert counts() == before
+
+
+def test_many_vms_in_sequence_and_in_threads(build_guest):
+    img = build_guest("uart_hello")
+    with kvmpy.VM(image=img, mode="real", mem="8M") as vm:   # warm up
+        vm.wait(10)
+    before = counts()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(50):
+        with kvmpy.VM(image=img, mode="real", mem="8M") as vm:
+            assert vm.wait(10).status == 0x21
+    results = []
+
+    def worker():
+        for _ in range(3):
+            with kvmpy.VM(image=img, mode="real", mem="8M") as vm:
+                results.append((vm.wait(10).status, vm.console.output))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [(0x21, b"hello from a real-mode guest\na5\n")] * 12
+    assert counts() == before
+    # peak RSS grows by little: no per-VM leak (8 MiB of guest RAM each would show)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50_000
