@@ -22,6 +22,8 @@ kernel enters in 32-bit mode with EAX = 0x2BADB002, EBX = multiboot info.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import time
 
@@ -237,10 +239,9 @@ def _pvh(m: Machine, cfg: LinuxConfig, elf, initrd: bytes, kernel_end: int,
 
     cmdline_size = _write_cmdline(m, cfg.cmdline)
     initrd_addr = _place_initrd(m, initrd, kernel_end, 1 << 32)
-    blob = pvh.build_start_info(
-        START_INFO_ADDR, cmdline_addr=CMDLINE_ADDR, cmdline_size=cmdline_size,
-        initrd_addr=initrd_addr, initrd_size=len(initrd),
-        memmap=[(e.addr, e.size, e.type) for e in _e820(m)])
+    del cmdline_size
+    blob = pvh.build_start_info(START_INFO_ADDR, cmdline_addr=CMDLINE_ADDR, e820=_e820(m),
+                                initrd_addr=initrd_addr, initrd_size=len(initrd))
     if len(blob) > ZERO_PAGE_ADDR - START_INFO_ADDR:
         raise KvmpyError("PVH start info does not fit below the zero page")
     m.memory.write(START_INFO_ADDR, blob)
@@ -252,7 +253,14 @@ def _load_fast_boot(m: Machine, cfg: LinuxConfig, bz, initrd: bytes, plan: BootP
     from kvmpy.loader.elf import ElfImage
 
     t0 = time.monotonic()
-    path, fmt, hit = cached_vmlinux(bz)
+    cache = os.path.join(os.environ.get("KVMPY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kvmpy"), "vmlinux")
+    os.makedirs(cache, exist_ok=True)
+    from kvmpy.loader.decompress import payload_format
+
+    fmt = payload_format(bz.payload)
+    hit = os.path.exists(os.path.join(cache, f"vmlinux-{hashlib.sha256(bz.payload).hexdigest()}"))
+    path = cached_vmlinux(bz, cache)
     with open(path, "rb") as f:
         elf = ElfImage.parse(f.read(), path)
     if elf.pvh_entry is None:
@@ -271,24 +279,27 @@ def _load_multiboot(m: Machine, cfg: LinuxConfig, data: bytes, initrd: bytes,
     from kvmpy.loader import multiboot
 
     image = multiboot.MultibootImage.parse(data, cfg.kernel)
-    kernel_end = image.load(m.memory)
+    kernel_end = _load_segments(m, image, cfg.kernel)
     cmdline_size = _write_cmdline(m, cfg.cmdline)
     initrd_addr = _place_initrd(m, initrd, kernel_end, 1 << 32)
-    info = multiboot.build_multiboot_info(
-        MULTIBOOT_INFO_ADDR, mem_lower_kib=640, mem_upper_kib=(_low_ram_end(m) - HIGH_MEMORY) // 1024,
-        cmdline_addr=CMDLINE_ADDR, modules=[(initrd_addr, len(initrd), CMDLINE_ADDR)] if initrd else [],
-        mmap=[(e.addr, e.size, e.type) for e in _e820(m)])
+    del cmdline_size
+    info = multiboot.build_multiboot_info(MULTIBOOT_INFO_ADDR, e820=_e820(m),
+                                          cmdline_addr=CMDLINE_ADDR, initrd_addr=initrd_addr,
+                                          initrd_size=len(initrd))
+    if MULTIBOOT_INFO_ADDR + len(info) > BOOT_STACK - 0x400:
+        raise KvmpyError("the multiboot information does not fit below the boot stack")
     m.memory.write(MULTIBOOT_INFO_ADDR, info)
     plan.protocol, plan.entry = "multiboot", image.entry
     plan.eax, plan.ebx = MULTIBOOT_BOOTLOADER_MAGIC, MULTIBOOT_INFO_ADDR
-    del cmdline_size
 
 
 def _write_mptable(m: Machine, cpus: int) -> None:
     from kvmpy.mptable import build_mptable
 
+    # irq0_pin=0: KVM's default GSI routing sends GSI 0 (the PIT) to IOAPIC pin 0, not pin 2 as
+    # on PC chipsets; the MP table must say what the (virtual) wiring does (as Firecracker).
     table = build_mptable(MPTABLE_ADDR, cpus, ioapic_id=cpus, ioapic_addr=IOAPIC_ADDR,
-                          lapic_addr=LAPIC_ADDR)
+                          lapic_addr=LAPIC_ADDR, irq0_pin=0)
     if MPTABLE_ADDR + len(table) > HIGH_MEMORY:
         raise KvmpyError(f"the MP table for {cpus} vCPUs does not fit below 1 MiB")
     m.memory.write(MPTABLE_ADDR, table)

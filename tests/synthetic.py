@@ -12,7 +12,7 @@ SECTOR = 512
 def bzimage(code64: bytes, *, version: int = 0x020F, setup_sects: int = 1,
             relocatable: bool = False, init_size: int = 0x100000, cmdline_size: int = 2047,
             initrd_addr_max: int = 0x7FFFFFFF, xloadflags: int = 0x1, pref: int = 0x100000,
-            kernel_alignment: int = 0x200000) -> bytes:
+            kernel_alignment: int = 0x200000, payload: bytes | None = None) -> bytes:
     """A bzImage whose protected-mode part is ``code64`` (startup_64 at its offset 0x200).
 
     Field offsets: Documentation/arch/x86/boot.rst, "THE REAL-MODE KERNEL HEADER"."""
@@ -31,8 +31,15 @@ def bzimage(code64: bytes, *, version: int = 0x020F, setup_sects: int = 1,
     struct.pack_into("<B", setup, 0x234, 1 if relocatable else 0)
     struct.pack_into("<H", setup, 0x236, xloadflags)                      # XLF_KERNEL_64
     struct.pack_into("<I", setup, 0x238, cmdline_size)
-    # payload_offset/length: every real bzImage has a compressed payload; point at some bytes
-    struct.pack_into("<II", setup, 0x248, 0x100, 0x10)
+    # payload_offset/length: every real bzImage has a compressed payload (here: ``payload``
+    # appended after the code, or some bytes of the code)
+    if payload is not None:
+        code64 = code64.ljust((len(code64) + 15) // 16 * 16, b"\0")
+        struct.pack_into("<II", setup, 0x248, len(code64), len(payload))
+        code64 += payload
+        struct.pack_into("<I", setup, 0x1F4, (len(code64) + 15) // 16)
+    else:
+        struct.pack_into("<II", setup, 0x248, 0x100, 0x10)
     struct.pack_into("<Q", setup, 0x258, pref)                            # pref_address
     struct.pack_into("<I", setup, 0x260, init_size)
     return bytes(setup) + code64.ljust((len(code64) + 15) // 16 * 16, b"\0")

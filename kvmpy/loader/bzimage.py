@@ -49,7 +49,7 @@ HIGH_LOAD_ADDR = 0x100000
 # init_size, 2.12 xloadflags.
 MIN_PROTOCOL = 0x0206
 PROTOCOL_PAYLOAD = 0x0208
-PROTOCOL_PREF_ADDRESS = 0x0210
+PROTOCOL_PREF_ADDRESS = 0x020A
 PROTOCOL_XLOADFLAGS = 0x020C
 # Fields a 2.06 header must reach: up to and including cmdline_size (0x238-0x23b).
 MIN_HEADER_END = 0x23C

@@ -1,0 +1,59 @@
+"""Kernel image formats: which one a file is, and each one parsed and validated.
+
+    bzimage.py     Linux bzImage (boot.rst setup header); entered through the 64-bit boot protocol
+    elf.py         ELF kernels (vmlinux): PT_LOAD segments and the Xen PVH entry note
+    pvh.py         hvm_start_info for the PVH entry of an ELF kernel
+    multiboot.py   Multiboot v1 kernels (ELF or a.out kludge) and their information structure
+    decompress.py  a bzImage's payload decompressed into its vmlinux ELF (``--fast-boot``)
+
+The zero page for a bzImage is in kvmpy.bootparams, the MP table in kvmpy.mptable. Nothing here
+touches /dev/kvm or guest memory: the builder places the bytes and sets the registers each
+module's docstring lists.
+"""
+from __future__ import annotations
+
+from kvmpy.errors import ImageError
+
+FORMATS = ("bzimage", "elf", "multiboot")
+
+
+def detect(data: bytes, path: str) -> str:
+    """"bzimage", "elf" or "multiboot" for the kernel image ``data`` (read from ``path``).
+
+    The first match wins, in this order:
+
+    1. bzImage: 0xAA55 at 0x1fe and "HdrS" at 0x202, and it validates (BzImage.parse). A bzImage
+       that also has a multiboot header is still a bzImage.
+    2. ELF with a Xen PVH note (XEN_ELFNOTE_PHYS32_ENTRY): "elf", entered through PVH.
+    3. A multiboot header in the first 8192 bytes (ELF or a.out kludge): "multiboot".
+    4. Any other x86-64 ELF: "elf" (a vmlinux entered at its 64-bit entry point).
+
+    Anything else, truncated or corrupt files included, raises ImageError naming what is wrong.
+    """
+    from kvmpy.loader.bzimage import BOOT_FLAG, BOOT_FLAG_OFFSET, BzImage, has_boot_signature
+    from kvmpy.loader.elf import ELF_MAGIC, EM_X86_64, ElfImage
+    from kvmpy.loader.multiboot import MultibootImage, find_header
+
+    if not data:
+        raise ImageError(f"{path} is empty: it is not a kernel image (bzImage, vmlinux ELF or "
+                         "multiboot kernel)")
+    if has_boot_signature(data):
+        BzImage.parse(data, path)
+        return "bzimage"
+    if (len(data) < 0x206 and len(data) >= BOOT_FLAG_OFFSET + 2
+            and int.from_bytes(data[BOOT_FLAG_OFFSET:BOOT_FLAG_OFFSET + 2], "little") == BOOT_FLAG):
+        raise ImageError(f"{path} is truncated ({len(data)} bytes): a boot sector without the "
+                         "setup header after it; copy the kernel image again")
+    elf = ElfImage.parse(data, path) if data[:4] == ELF_MAGIC else None
+    if elf is not None and elf.pvh_entry is not None:
+        return "elf"
+    if find_header(data) is not None:
+        MultibootImage.parse(data, path)
+        return "multiboot"
+    if elf is not None:
+        if elf.machine == EM_X86_64 and elf.bits == 64:
+            return "elf"
+        raise ImageError(f"{path} is a 32-bit ELF with neither a PVH note nor a multiboot "
+                         "header, so kvmpy has no way to enter it")
+    raise ImageError(f"{path} is not a Linux kernel (no boot sector signature / HdrS) nor an ELF "
+                     "or multiboot kernel; give a bzImage, a vmlinux or a multiboot kernel")

@@ -1,0 +1,74 @@
+/* A synthetic PVH kernel: an ELF whose Xen note XEN_ELFNOTE_PHYS32_ENTRY (18) points at
+ * pvh_start, entered in 32-bit protected mode, paging off, with %ebx = hvm_start_info
+ * (xen/include/public/arch-x86/hvm/start_info.h). Prints magic, cmdline, the first module and
+ * the memory map. */
+        .section .note.Xen, "a"
+        .balign 4
+        .long 4, 4, 18                  /* namesz, descsz, type */
+        .asciz "Xen"
+        .long pvh_start
+        .text
+        .code32
+        .globl pvh_start
+pvh_start:
+        mov %ebx, %ebp
+        PUTS "magic:"
+        mov 0(%ebp), %edi
+        PUTHEX32_EDI
+        NEWLINE
+        PUTS "cmdline:"
+        mov 24(%ebp), %esi              /* cmdline_paddr (low half) */
+1:      lodsb
+        test %al, %al
+        jz 2f
+        PUTC_AL
+        jmp 1b
+2:      NEWLINE
+        PUTS "modules:"
+        mov 12(%ebp), %edi              /* nr_modules */
+        PUTHEX32_EDI
+        test %edi, %edi
+        jz 3f
+        mov 16(%ebp), %esi              /* modlist_paddr (%ebx: PUTC clobbers %bl) */
+        mov $' ', %al
+        PUTC_AL
+        mov 0(%esi), %edi               /* module paddr */
+        PUTHEX32_EDI
+        mov $' ', %al
+        PUTC_AL
+        mov 8(%esi), %edi               /* module size */
+        PUTHEX32_EDI
+        mov $' ', %al
+        PUTC_AL
+        mov 0(%esi), %esi
+        mov (%esi), %edi                /* first 4 bytes of the module */
+        PUTHEX32_EDI
+3:      NEWLINE
+        PUTS "memmap:"
+        mov 48(%ebp), %edi              /* memmap_entries */
+        mov %edi, %ecx
+        PUTHEX32_EDI
+        NEWLINE
+        mov 40(%ebp), %esi              /* memmap_paddr: 24-byte entries addr, size, type */
+4:      mov 48(%ebp), %eax
+        test %eax, %eax
+        jz 5f
+        mov 4(%esi), %edi
+        PUTHEX32_EDI
+        mov 0(%esi), %edi
+        PUTHEX32_EDI
+        mov $' ', %al
+        PUTC_AL
+        mov 12(%esi), %edi
+        PUTHEX32_EDI
+        mov 8(%esi), %edi
+        PUTHEX32_EDI
+        mov $' ', %al
+        PUTC_AL
+        mov 16(%esi), %edi
+        PUTHEX32_EDI
+        NEWLINE
+        add $24, %esi
+        decl 48(%ebp)
+        jmp 4b
+5:      EXIT 0x10
