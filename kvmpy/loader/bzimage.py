@@ -263,7 +263,10 @@ class BzImage:
         payload_offset = payload_length = None
         if version >= PROTOCOL_PAYLOAD:
             payload_offset, payload_length = h.payload_offset, h.payload_length
-            if payload_length == 0 or payload_offset + payload_length > len(kernel):
+            if payload_length == 0:
+                raise ImageError(f"{path} has no compressed payload (payload_length 0); it is "
+                                 "not a bzImage the kernel's build system made")
+            if payload_offset + payload_length > len(kernel):
                 raise ImageError(f"{path} is truncated: payload {payload_offset:#x}+"
                                  f"{payload_length:#x} runs past the protected-mode part "
                                  f"({len(kernel):#x} bytes); copy the kernel image again")
