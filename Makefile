@@ -11,14 +11,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (as, ld) for guests, venv support for the virtualenv.
 APT_PACKAGES := gcc libc6-dev linux-libc-dev binutils python3-venv python3-dev
 
-.PHONY: all run demo test build deps bench clean doctor
+.PHONY: all run demo guest test build deps bench clean doctor
 
 all: build
 
+# Boots the default Linux guest (Debian's kernel + busybox initramfs, built on first use); on a
+# host whose KVM cannot boot Linux (software KVM such as PVM) it says so and runs the demo.
 run: build
-	$(VENV)/bin/kvmpy demo --stats
+	$(VENV)/bin/kvmpy up --stats
 
-demo: run
+guest: build
+	$(VENV)/bin/kvmpy image
+
+demo: build
+	$(VENV)/bin/kvmpy demo --stats
 
 doctor: build
 	$(VENV)/bin/kvmpy doctor

@@ -126,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decompress a bzImage on the host (cached) and boot it through PVH")
     common(b)
 
+    im = sub.add_parser("image", formatter_class=_Formatter,
+                        help="build the default Linux guest (Debian's kernel + a busybox "
+                        "initramfs)")
+    im.add_argument("--out", metavar="DIR", help="where to write bzImage and initramfs.cpio.gz "
+                    "(default ~/.cache/kvmpy/guest)")
+
+    up = sub.add_parser("up", formatter_class=_Formatter,
+                        help="the main job: build and boot the default Linux guest; on a host "
+                        "whose KVM cannot boot Linux, say so and run the demo instead")
+    up.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    common(up)
+
     d = sub.add_parser("demo", help="run the bundled guest that walks from real to long mode",
                        formatter_class=_Formatter,
                        epilog=EXIT_STATUS_HELP)
@@ -144,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "boot":
             return _boot(args)
+        if args.command == "image":
+            from kvmpy.image import build_default_guest
+
+            g = build_default_guest(args.out)
+            print(f"kernel {g.kernel}\ninitrd {g.initrd}\ncmdline {g.cmdline}")
+            return 0
+        if args.command == "up":
+            return _up(args)
         if args.command == "doctor":
             from kvmpy.doctor import main as doctor_main
 
@@ -214,6 +234,22 @@ def _finish(machine, outcome, args, tracer, trace_file) -> int:
         if outcome.report:
             print(outcome.report, file=sys.stderr)
     return outcome.status
+
+
+def _up(args) -> int:
+    from kvmpy.doctor import can_boot_linux, kvm_flavour
+
+    kind, desc = kvm_flavour()
+    if not can_boot_linux(kind):
+        print(f"kvmpy: this host's KVM is {kind} ({desc}): a Linux kernel cannot boot here; "
+              "running `kvmpy demo` instead", file=sys.stderr)
+        args.command = "demo"
+        return _run(args)
+    from kvmpy.image import build_default_guest
+
+    g = build_default_guest()
+    args.kernel, args.initrd, args.append, args.fast_boot = g.kernel, g.initrd, g.cmdline, False
+    return _boot(args)
 
 
 def _boot(args) -> int:
