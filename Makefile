@@ -7,9 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvmpy-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages kvmpy needs: a C compiler and <linux/kvm.h> for the cffi extension, binutils
-# (as, ld) for guests, venv support for the virtualenv.
-APT_PACKAGES := gcc libc6-dev linux-libc-dev binutils python3-venv python3-dev
+# Debian packages kvmpy needs (installed by `deps` when missing): a C compiler and <linux/kvm.h>
+# for the cffi extension, binutils (as, ld) for guests, cpio (tests read initramfs archives back),
+# venv support for the virtualenv.
 
 .PHONY: all run demo guest test build deps bench clean doctor
 
@@ -39,6 +39,7 @@ deps:
 	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	command -v as >/dev/null && command -v ld >/dev/null || missing="$$missing binutils"; \
 	[ -f /usr/include/linux/kvm.h ] || missing="$$missing linux-libc-dev"; \
+	command -v cpio >/dev/null || missing="$$missing cpio"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

@@ -45,7 +45,10 @@ IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 DEFAULT_MEM = 512 * MIB
 MIN_LINUX_MEM = 32 * MIB
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 i8042.noaux"
+# console=ttyS0: COM1; reboot=k: reset through the i8042 (kvmpy's reset, status 0; x86 would try
+# ACPI first); panic=-1: a panic reboots at once instead of spinning; i8042.noaux: no mouse
+# port; 8250.nr_uarts=1: one UART, so no probes of COM2-4.
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 i8042.noaux 8250.nr_uarts=1"
 BOOT_TIMER_PORT = 0x3F0
 BOOT_TIMER_MMIO = 0xC000_0000
 PCI_CONFIG_PORT = 0xCF8
