@@ -17,6 +17,19 @@ import os
 
 from cffi import FFI
 
+# The exit-specific members of kvm_run's anonymous union, as named types: declared once here and
+# pasted into both the cdef and the C source (which asserts their offsets against kvm.h).
+OVERLAYS = r"""
+struct kvmpy_exit_io { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; };
+struct kvmpy_exit_mmio { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; };
+struct kvmpy_exit_internal { __u32 suberror; __u32 ndata; __u64 data[16]; };
+struct kvmpy_exit_fail_entry { __u64 hardware_entry_failure_reason; __u32 cpu; };
+struct kvmpy_exit_system_event { __u32 type; __u32 ndata; __u64 data[16]; };
+struct kvmpy_exit_debug { struct kvm_debug_exit_arch arch; };
+struct kvmpy_exit_hw { __u64 hardware_exit_reason; };
+struct kvmpy_exit_ex { __u32 exception; __u32 error_code; };
+"""
+
 CDEF = r"""
 typedef unsigned char __u8;
 typedef unsigned short __u16;
@@ -179,14 +192,7 @@ struct kvm_sync_regs { struct kvm_regs regs; ...; };
 
 /* The exit-specific members of the anonymous union in struct kvm_run (include/uapi/linux/kvm.h).
    They are declared as named types in the C source below, whose offsets are asserted there. */
-struct kvmpy_exit_io { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; };
-struct kvmpy_exit_mmio { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; };
-struct kvmpy_exit_internal { __u32 suberror; __u32 ndata; __u64 data[16]; };
-struct kvmpy_exit_fail_entry { __u64 hardware_entry_failure_reason; __u32 cpu; };
-struct kvmpy_exit_system_event { __u32 type; __u32 ndata; __u64 data[16]; };
-struct kvmpy_exit_debug { struct kvm_debug_exit_arch arch; };
-struct kvmpy_exit_hw { __u64 hardware_exit_reason; };
-struct kvmpy_exit_ex { __u32 exception; __u32 error_code; };
+@OVERLAYS@
 
 struct kvm_run {
     __u8 request_interrupt_window; __u8 immediate_exit;
@@ -213,14 +219,7 @@ SOURCE = r"""
 #include <sys/ioctl.h>
 #include <linux/kvm.h>
 
-struct kvmpy_exit_io { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; };
-struct kvmpy_exit_mmio { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; };
-struct kvmpy_exit_internal { __u32 suberror; __u32 ndata; __u64 data[16]; };
-struct kvmpy_exit_fail_entry { __u64 hardware_entry_failure_reason; __u32 cpu; };
-struct kvmpy_exit_system_event { __u32 type; __u32 ndata; __u64 data[16]; };
-struct kvmpy_exit_debug { struct kvm_debug_exit_arch arch; };
-struct kvmpy_exit_hw { __u64 hardware_exit_reason; };
-struct kvmpy_exit_ex { __u32 exception; __u32 error_code; };
+@OVERLAYS@
 
 /* The named overlays above must match the anonymous union members of struct kvm_run exactly. */
 #define KVMPY_SAME(member, type, field) \
@@ -284,6 +283,9 @@ int kvmpy_install_kick_handler(int signo)
 
 int kvmpy_kick_signal(void) { return kvmpy_kick_signo; }
 """
+
+CDEF = CDEF.replace("@OVERLAYS@", OVERLAYS)
+SOURCE = SOURCE.replace("@OVERLAYS@", OVERLAYS)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

@@ -191,18 +191,33 @@ def _run(args) -> int:
     cfg = FlatConfig(image=image, mode=mode, load=load, entry=entry,
                      mem_size=args.mem or DEFAULT_MEM, irqchip=irqchip, kvm_path=args.kvm,
                      console_sink=stdout_sink(), tracer=tracer)
+    return _run_machine(lambda: build_flat(cfg), 1, args, tracer, trace_file)
+
+
+def _run_machine(build, nr_vcpus: int, args, tracer, trace_file, on_built=None) -> int:
+    """Build, run to the end and tear down one machine; the process status for its outcome."""
+    from kvmpy.outcome import StopReason
+
     try:
-        with build_flat(cfg) as machine:
+        with build() as machine:
+            if on_built is not None:
+                on_built(machine)
             machine.attach_console_input(0, interactive=_isatty(0))
-            machine.start(machine.setup)
+            machine.start(machine.setup, nr_vcpus)
             outcome = machine.wait(args.timeout)
             if args.stats:
                 print_stats(machine, outcome)
-    except BaseException:
+    finally:
         if tracer is not None:
             tracer.close()
-        raise
-    return _finish(machine, outcome, args, tracer, trace_file)
+            if trace_file is not sys.stderr:
+                trace_file.close()
+    if outcome.reason not in (StopReason.DEBUG_EXIT, StopReason.HALT, StopReason.RESET,
+                              StopReason.STOPPED):
+        print(f"kvmpy: {outcome.detail}", file=sys.stderr)
+        if outcome.report:
+            print(outcome.report, file=sys.stderr)
+    return outcome.status
 
 
 def _open_tracer(args):
@@ -219,21 +234,6 @@ def _open_tracer(args):
 
         raise KvmpyError(f"cannot write trace file {args.trace}: {e.strerror}") from None
     return Tracer(f), f
-
-
-def _finish(machine, outcome, args, tracer, trace_file) -> int:
-    from kvmpy.outcome import StopReason
-
-    if tracer is not None:
-        tracer.close()
-        if trace_file is not sys.stderr:
-            trace_file.close()
-    if outcome.reason not in (StopReason.DEBUG_EXIT, StopReason.HALT, StopReason.RESET,
-                              StopReason.STOPPED):
-        print(f"kvmpy: {outcome.detail}", file=sys.stderr)
-        if outcome.report:
-            print(outcome.report, file=sys.stderr)
-    return outcome.status
 
 
 def _up(args) -> int:
@@ -260,21 +260,13 @@ def _boot(args) -> int:
                       DEFAULT_CMDLINE if args.append is None else args.append,
                       mem_size=args.mem or DEFAULT_MEM, cpus=args.cpus, fast_boot=args.fast_boot,
                       kvm_path=args.kvm, console_sink=stdout_sink(), tracer=tracer)
-    try:
-        with build_linux(cfg) as machine:
-            for note in machine.boot_plan.notes:
-                if note.startswith("--fast-boot"):
-                    print(f"kvmpy: {note}", file=sys.stderr)
-            machine.attach_console_input(0, interactive=_isatty(0))
-            machine.start(machine.setup, cfg.cpus)
-            outcome = machine.wait(args.timeout)
-            if args.stats:
-                print_stats(machine, outcome)
-    except BaseException:
-        if tracer is not None:
-            tracer.close()
-        raise
-    return _finish(machine, outcome, args, tracer, trace_file)
+
+    def notes(machine):
+        for note in machine.boot_plan.notes:
+            if note.startswith("--fast-boot"):
+                print(f"kvmpy: {note}", file=sys.stderr)
+
+    return _run_machine(lambda: build_linux(cfg), cfg.cpus, args, tracer, trace_file, notes)
 
 
 def print_stats(machine, outcome, out=sys.stderr) -> None:

@@ -12,6 +12,7 @@ import os
 from kvmpy import ioctls
 from kvmpy._ffi import ffi, lib
 from kvmpy.errors import KvmError, KvmpyError
+from kvmpy.fd import KvmFd
 
 DEFAULT_KVM_PATH = "/dev/kvm"
 KVM_PATH_ENV = "KVMPY_KVM_DEVICE"  # lets tests (and users) point kvmpy at another node
@@ -40,7 +41,7 @@ def open_error(path: str, err: OSError) -> KvmpyError:
     return KvmpyError(f"cannot open {path}: {err.strerror}; `kvmpy doctor` checks the host")
 
 
-class Kvm:
+class Kvm(KvmFd):
     """The KVM subsystem handle (/dev/kvm). Closes with ``close()`` or ``with``."""
 
     def __init__(self, path: str | None = None):
@@ -60,37 +61,17 @@ class Kvm:
             raise KvmpyError(f"{self.path} speaks KVM API {version}, kvmpy needs "
                              f"{lib.KVM_API_VERSION}")
 
-    def fileno(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "Kvm":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _ioctl(self, name: str, request: int, arg: int = 0) -> int:
-        rc = lib.kvmpy_ioctl_int(self._fd, request, arg)
-        if rc < 0:
-            raise KvmError(name, ffi.errno)
-        return rc
-
     def get_api_version(self) -> int:
         """KVM_GET_API_VERSION: 12 on every kernel since 2.6.22."""
-        return self._ioctl("KVM_GET_API_VERSION", ioctls.KVM_GET_API_VERSION)
+        return self._ioctl_int("KVM_GET_API_VERSION", ioctls.KVM_GET_API_VERSION)
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION: 0 if ``cap`` is absent, else a capability-specific value."""
-        return self._ioctl("KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION, int(cap))
+        return self._ioctl_int("KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION, int(cap))
 
     def get_vcpu_mmap_size(self) -> int:
         """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap from a vCPU fd for ``struct kvm_run``."""
-        return self._ioctl("KVM_GET_VCPU_MMAP_SIZE", ioctls.KVM_GET_VCPU_MMAP_SIZE)
+        return self._ioctl_int("KVM_GET_VCPU_MMAP_SIZE", ioctls.KVM_GET_VCPU_MMAP_SIZE)
 
     def get_supported_cpuid(self, max_entries: int = 256):
         """KVM_GET_SUPPORTED_CPUID: a ``struct kvm_cpuid2 *`` (cdata) with the host's leaves."""

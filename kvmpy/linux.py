@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from kvmpy.builder import MIB, Machine, ram_layout, read_image
+from kvmpy.builder import MIB, Machine, read_image
 from kvmpy.errors import ImageError, KvmpyError
 from kvmpy.vcpu import modes
 

@@ -5,12 +5,11 @@ The Vm owns its fd only. Guest RAM is owned by :class:`kvmpy.memory.GuestMemory`
 """
 from __future__ import annotations
 
-import os
 import collections
 
 from kvmpy import ioctls
 from kvmpy._ffi import ffi, lib
-from kvmpy.errors import KvmError
+from kvmpy.fd import KvmFd
 
 
 # GSI routes for set_gsi_routing (struct kvm_irq_routing_msi / _irqchip). namedtuples, not
@@ -20,37 +19,11 @@ MsiRoute = collections.namedtuple("MsiRoute", "gsi address data")
 IrqchipRoute = collections.namedtuple("IrqchipRoute", "gsi irqchip pin")
 
 
-class Vm:
+class Vm(KvmFd):
     def __init__(self, kvm, fd: int):
         self.kvm = kvm
         self._fd = fd
         self.has_irqchip = False
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "Vm":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _ioctl_int(self, name: str, request: int, arg: int = 0) -> int:
-        rc = lib.kvmpy_ioctl_int(self._fd, request, arg)
-        if rc < 0:
-            raise KvmError(name, ffi.errno)
-        return rc
-
-    def _ioctl_ptr(self, name: str, request: int, arg) -> int:
-        rc = lib.kvmpy_ioctl_ptr(self._fd, request, arg)
-        if rc < 0:
-            raise KvmError(name, ffi.errno)
-        return rc
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (some answers are per VM)."""

@@ -138,6 +138,7 @@ class VcpuThread:
         self._kick()
 
     def _kick(self) -> None:
+        """immediate_exit + a signal: KVM_RUN returns EINTR now or at its next entry."""
         with self._lock:
             if self.vcpu is not None:
                 self.vcpu.run_struct.immediate_exit = 1
@@ -152,14 +153,7 @@ class VcpuThread:
         """Ask the loop to end; returns at once (join() waits)."""
         with self._lock:
             self._stopping = True
-            if self.vcpu is not None:
-                self.vcpu.run_struct.immediate_exit = 1
-                ident = self._thread.ident
-                if ident is not None and self._thread.is_alive():
-                    try:
-                        signal.pthread_kill(ident, KICK_SIGNAL)
-                    except ProcessLookupError:
-                        pass
+        self._kick()
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
