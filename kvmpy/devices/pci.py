@@ -25,7 +25,26 @@ CONFIG_ADDRESS_ENABLE = 1 << 31
 VENDOR_ID, DEVICE_ID, COMMAND, STATUS = 0x00, 0x02, 0x04, 0x06
 REVISION, CLASS_PROG, SUBCLASS, CLASS = 0x08, 0x09, 0x0A, 0x0B
 HEADER_TYPE = 0x0E
+BAR0 = 0x10
 SUBSYS_VENDOR, SUBSYS_ID = 0x2C, 0x2E
+CAP_PTR = 0x34
+INTERRUPT_LINE, INTERRUPT_PIN = 0x3C, 0x3D
+STATUS_CAP_LIST = 1 << 4          # STATUS bit 4: the capability list at CAP_PTR is valid
+CAP_START = 0x40                  # capabilities live after the 64-byte header
+# BAR low bits (PCI 3.0, 6.2.5.1): bit 0 = 0 memory; bits 2:1 = 00 32-bit, 10 64-bit; bit 3
+# prefetchable.
+BAR_MEM64 = 0x4
+BAR_PREFETCH = 0x8
+
+
+class Bar:
+    """A memory BAR: its size (a power of two) and where the guest (or the builder) put it."""
+
+    def __init__(self, index: int, size: int, mem64: bool, on_move):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"BAR size {size:#x} must be a power of two >= 16")
+        self.index, self.size, self.mem64, self.on_move = index, size, mem64, on_move
+        self.address = 0
 
 
 class PciFunction:
@@ -46,6 +65,65 @@ class PciFunction:
         # COMMAND: I/O space, memory space, bus master, INTx disable are the guest's to set
         struct.pack_into("<H", self.wmask, COMMAND, 0x0407)
 
+        self.bars: dict[int, Bar] = {}
+        self._cap_end = CAP_START
+
+    def add_bar(self, index: int, size: int, mem64: bool = False, on_move=None) -> Bar:
+        """Declare memory BAR ``index`` of ``size`` bytes. The writable bits are the address bits
+        above the size, so a guest that writes all-ones reads back ~(size-1): BAR sizing (PCI 3.0,
+        6.2.5.1). ``on_move(bar, old, new)`` is called when its address changes."""
+        bar = Bar(index, size, mem64, on_move)
+        self.bars[index] = bar
+        off = BAR0 + 4 * index
+        flags = BAR_MEM64 if mem64 else 0
+        struct.pack_into("<I", self.config, off, flags)
+        struct.pack_into("<I", self.wmask, off, ~(size - 1) & 0xFFFFFFF0)
+        if mem64:   # the upper half is the next BAR register, all writable
+            struct.pack_into("<I", self.wmask, off + 4, 0xFFFFFFFF)
+        return bar
+
+    def set_bar_address(self, index: int, address: int) -> None:
+        """Place a BAR (what firmware would do before the OS starts)."""
+        bar = self.bars[index]
+        off = BAR0 + 4 * index
+        struct.pack_into("<I", self.config, off,
+                         (address & 0xFFFFFFF0) | (BAR_MEM64 if bar.mem64 else 0))
+        if bar.mem64:
+            struct.pack_into("<I", self.config, off + 4, address >> 32)
+        self._bar_changed(bar)
+
+    def _bar_changed(self, bar: Bar) -> None:
+        off = BAR0 + 4 * bar.index
+        new = struct.unpack_from("<I", self.config, off)[0] & 0xFFFFFFF0
+        if bar.mem64:
+            new |= struct.unpack_from("<I", self.config, off + 4)[0] << 32
+        if new != bar.address:
+            old, bar.address = bar.address, new
+            if bar.on_move is not None:
+                bar.on_move(bar, old, new)
+
+    def add_capability(self, cap_id: int, body: bytes, writable: bytes | None = None) -> int:
+        """Append a capability (id, next pointer, ``body``) to the list; returns its offset.
+        ``writable``: a write mask for ``body`` (default read-only)."""
+        off = self._cap_end
+        length = (2 + len(body) + 3) & ~3
+        if off + length > 256:
+            raise ValueError("PCI capabilities do not fit in the 256-byte config space")
+        self.config[off] = cap_id
+        self.config[off + 1] = 0
+        self.config[off + 2:off + 2 + len(body)] = body
+        if writable:
+            self.wmask[off + 2:off + 2 + len(writable)] = writable
+        if off == CAP_START:
+            self.config[CAP_PTR] = off
+            struct.pack_into("<H", self.config, STATUS,
+                             struct.unpack_from("<H", self.config, STATUS)[0] | STATUS_CAP_LIST)
+        else:
+            self.config[self._last_cap + 1] = off
+        self._last_cap = off
+        self._cap_end = off + length
+        return off
+
     def config_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.config[offset:offset + size], "little")
 
@@ -54,6 +132,12 @@ class PciFunction:
             b = (value >> (8 * i)) & 0xFF
             m = self.wmask[offset + i]
             self.config[offset + i] = (self.config[offset + i] & ~m) | (b & m)
+        if self.bars and offset < BAR0 + 24 and offset + size > BAR0:
+            for bar in self.bars.values():
+                reg = BAR0 + 4 * bar.index
+                end = reg + (8 if bar.mem64 else 4)
+                if offset < end and offset + size > reg:
+                    self._bar_changed(bar)
 
 
 class HostBridge(PciFunction):

@@ -108,6 +108,12 @@ class MmioBus:
         self.mappings.insert(i, m)
         return m
 
+    def remove(self, mapping: Mapping) -> None:
+        """Take a window off the bus (e.g. a PCI BAR the guest moves)."""
+        i = self.mappings.index(mapping)
+        del self.mappings[i]
+        del self._bases[i]
+
     def lookup(self, addr: int) -> Mapping | None:
         i = bisect.bisect(self._bases, addr) - 1
         if i >= 0:
