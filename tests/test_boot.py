@@ -43,6 +43,7 @@ def test_bzimage_boot_protocol(zp_kernel, tmp_path):
     assert addr + size <= 256 << 20 and addr >= 0x200000      # above the kernel's init_size
     assert first == "0403020108070605"                          # LE dwords of 01..08
     assert r["loader"] == 0xFF and r["loadflags"] & 0x01        # undefined loader, LOADED_HIGH
+    assert re.search(rb"kvmpy: guest boot time [\d.]+ ms since kvmpy started", p.stderr)
 
 
 def test_bzimage_boot_high_memory(zp_kernel):
@@ -109,6 +110,7 @@ def test_pvh_elf_boot(tmp_path):
     assert p.returncode == 0x21, p.stderr
     lines = p.stdout.decode().splitlines()
     assert lines[0] == "magic:336ec578"                       # XEN_HVM_START_MAGIC_VALUE
+    assert b"guest boot time" in p.stderr                     # the port 0x3f0 boot timer
     assert lines[1] == "cmdline:pvh=yes"
     mods = lines[2].split(":")[1].split()
     assert int(mods[0], 16) == 1 and int(mods[2], 16) == 104 and mods[3] == "44332211"
