@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop the guest after SECONDS (status 124)")
         sp.add_argument("--kvm", metavar="PATH", help="KVM device node (default /dev/kvm, or "
                         "$KVMPY_KVM_DEVICE)")
+        sp.add_argument("--symbols", metavar="FILE", help="System.map or ELF with symbols: name "
+                        "RIPs in --trace (default: the kernel's own symbols when it is an ELF "
+                        "that has them)")
 
     r = sub.add_parser("run", help="run a flat binary in real, protected or long mode",
                        formatter_class=_Formatter,
@@ -143,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXIT_STATUS_HELP)
     common(d)
 
+    t = sub.add_parser("trace", help="work with exit traces (--trace FILE)",
+                       formatter_class=_Formatter)
+    tsub = t.add_subparsers(dest="trace_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    tsub.required = True
+    ts = tsub.add_parser("summarize", formatter_class=_Formatter,
+                         help="exits by reason, device and register, with time shares")
+    ts.add_argument("file", metavar="FILE")
+    ts.add_argument("--plot", metavar="PNG",
+                    help="also draw a timeline and histogram (needs kvmpy[plot])")
+    ts.add_argument("--explain", action="store_true",
+                    help="append `kvmpy explain` for each reason present")
+    ex = sub.add_parser("explain", formatter_class=_Formatter,
+                        help="what a KVM exit reason means (VT-x, AMD-V, kvmpy)")
+    ex.add_argument("reason", metavar="REASON", help="e.g. io, KVM_EXIT_MMIO, 17")
+
     doc = sub.add_parser("doctor", help="check /dev/kvm and say what kind of KVM this host has",
                          formatter_class=_Formatter)
     doc.add_argument("--kvm", metavar="PATH", help="KVM device node (default /dev/kvm)")
@@ -164,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "up":
             return _up(args)
+        if args.command == "trace":
+            from kvmpy.tracetools import run_summarize
+
+            return run_summarize(args.file, args.plot, args.explain)
+        if args.command == "explain":
+            from kvmpy.explain import main as explain_main
+
+            return explain_main([args.reason])
         if args.command == "doctor":
             from kvmpy.doctor import main as doctor_main
 
@@ -225,15 +251,24 @@ def _open_tracer(args):
         return None, None
     from kvmpy.vmexit.trace import Tracer
 
+    symbols = getattr(args, "symbols", None)
+    if symbols is None and getattr(args, "kernel", None):
+        from kvmpy.symbols import from_image
+
+        symbols = from_image(args.kernel)        # None for a bzImage
     if args.trace == "-":
-        return Tracer(sys.stderr), sys.stderr
+        return Tracer(sys.stderr, symbols=symbols), sys.stderr
     try:
         f = open(args.trace, "w")
     except OSError as e:
         from kvmpy.errors import KvmpyError
 
         raise KvmpyError(f"cannot write trace file {args.trace}: {e.strerror}") from None
-    return Tracer(f), f
+    try:
+        return Tracer(f, symbols=symbols), f
+    except BaseException:
+        f.close()
+        raise
 
 
 def _up(args) -> int:
@@ -249,7 +284,7 @@ def _up(args) -> int:
 
     g = build_default_guest()
     args.kernel, args.initrd, args.append, args.fast_boot = g.kernel, g.initrd, g.cmdline, False
-    return _boot(args)
+    return _boot(args)   # (its tracer picks up args.kernel's symbols, when it has any)
 
 
 def _boot(args) -> int:
