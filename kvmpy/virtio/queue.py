@@ -1,0 +1,354 @@
+"""The device's side of one split virtqueue (virtio 1.2 section 2.7), checking all the driver wrote.
+
+A :class:`Queue` knows where the driver put the three parts of the ring (descriptor table, driver
+area a.k.a. available ring, device area a.k.a. used ring) and how big it is. The device layer
+asks it for the next request with :meth:`Queue.pop`, which returns a :class:`DescriptorChain`: the
+request's buffers as two lists of guest-physical ``(addr, len)`` segments, device-readable ones
+and device-writable ones. Devices never see descriptor flags, ``next`` fields or ring indices.
+When a request is done, :meth:`Queue.add_used` publishes it in the used ring, and
+:meth:`Queue.needs_interrupt` says whether the driver asked to be interrupted for it.
+
+The guest is untrusted (shared/hostile-inputs.md items 1-7, 10, 11, 15). Every rule the ring
+protocol has is checked here, and a driver that breaks one gets a :class:`QueueError`, which the
+device layer turns into DEVICE_NEEDS_RESET (2.1.2). In particular:
+
+- activation refuses a size that is 0, not a power of two or above the device's maximum, and
+  rings that are misaligned or not wholly inside guest RAM (2.7, "Virtqueue Part Alignment");
+- each descriptor is read from guest memory exactly once, into a local tuple, and never again
+  (the driver may rewrite it under our feet);
+- ``next`` must be below the table size; a chain may visit at most table-size descriptors, so a
+  loop ends in an error, never a hang (2.7.5.2);
+- the total length is kept below 2^32 (2.7.5.2; a used-ring ``len`` is 32 bits);
+- device-writable descriptors come after all device-readable ones (2.7.4.2);
+- VIRTQ_DESC_F_INDIRECT only if negotiated, never together with NEXT, never inside an indirect
+  table, with a table length that is a non-zero multiple of 16 and at most 65535 entries
+  (2.7.5.3.1);
+- every buffer lies wholly inside one RAM region (GuestMemory.check: no wrap past 2^64, no holes,
+  no MMIO, so never the device's own registers);
+- ``avail.idx`` may run at most ``size`` entries ahead of what the device consumed (2.7.6), and a
+  head that is still in flight cannot be made available again (it would be completed twice).
+
+It does not parse requests (devices do), run anything asynchronously, or know about transports.
+Only the split ring is implemented (no VIRTIO_F_RING_PACKED, no VIRTIO_F_IN_ORDER).
+
+Memory ordering: the rings are shared with vCPUs running concurrently. x86 keeps stores in order
+and loads in order, so the used element is visible before the used index that publishes it, and
+the available index is read before the ring entries it covers. The one reordering x86 does allow,
+a later load passing an earlier store, matters where the device stores one index and then loads
+the driver's (event index handshakes); :func:`full_barrier` is placed there.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import struct
+import threading
+
+from kvmpy.errors import GuestMemoryError
+
+# struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; } (2.7.5)
+DESC = struct.Struct("<QIHH")
+# struct virtq_used_elem { le32 id; le32 len; } (2.7.8)
+USED_ELEM = struct.Struct("<II")
+
+MAX_QUEUE_SIZE = 32768          # 2.7: "Queue Size ... The maximum Queue Size value is 32768"
+MAX_INDIRECT_ENTRIES = 65535    # an indirect table is indexed by the 16-bit `next` (2.7.5.3)
+CHAIN_LENGTH_LIMIT = 1 << 32    # total bytes of one chain stay below this (used `len` is le32)
+
+# Alignment of each part in bytes (2.7, table "Virtqueue Part / Alignment / Size").
+DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+
+
+class DescFlag(enum.IntFlag):
+    """virtq_desc.flags (2.7.5)."""
+
+    NEXT = 1        # the buffer continues in the descriptor named by `next`
+    WRITE = 2       # device-writable (otherwise device-readable)
+    INDIRECT = 4    # the buffer is a table of descriptors (2.7.5.3)
+
+
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1  # avail.flags: the driver does not want used-buffer interrupts
+
+
+class QueueError(Exception):
+    """The driver broke the virtqueue protocol; the device must be reset (virtio 1.2 2.1.2)."""
+
+
+class Segment(collections.namedtuple("Segment", "addr len")):
+    """One guest buffer: ``len`` bytes at guest-physical ``addr`` (already checked to be RAM)."""
+
+    __slots__ = ()
+
+
+def full_barrier(_lock=threading.Lock()) -> None:
+    """A full memory barrier (loads may not pass earlier stores across it).
+
+    Python has no fence instruction; acquiring a lock executes a locked read-modify-write
+    (glibc's sem_trywait / futex word update), which is a full barrier on x86 (Intel SDM vol. 3A,
+    9.2.2: "Locked instructions have a total order" and loads/stores are not reordered with
+    them). The lock is private and almost never contended."""
+    _lock.acquire()
+    _lock.release()
+
+
+class DescriptorChain:
+    """One request: its head index and its buffers, readable ones first, then writable ones.
+
+    Offsets in :meth:`read`, :meth:`write` and the ``*_views`` methods count bytes across the
+    readable (resp. writable) segments as if they were one buffer: a device must not assume how
+    the driver split a request into descriptors (2.7.4, "Message Framing")."""
+
+    __slots__ = ("head", "readable", "writable", "read_len", "write_len", "memory")
+
+    def __init__(self, head: int, readable: list[Segment], writable: list[Segment], memory):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.read_len = sum(s.len for s in readable)
+        self.write_len = sum(s.len for s in writable)
+        self.memory = memory
+
+    def __repr__(self) -> str:
+        return (f"<DescriptorChain head={self.head} readable={self.read_len} "
+                f"writable={self.write_len}>")
+
+    def read(self, offset: int = 0, size: int | None = None) -> bytes:
+        """``size`` bytes (default: all) of the readable part from ``offset``; fewer if shorter."""
+        if size is None:
+            size = self.read_len - offset
+        return b"".join(self.memory.read(a, n)
+                        for a, n in _pieces(self.readable, offset, size))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Copy ``data`` into the writable part at ``offset``; returns the bytes that fit."""
+        done = 0
+        mv = memoryview(data)
+        for a, n in _pieces(self.writable, offset, len(data)):
+            self.memory.write(a, mv[done:done + n])
+            done += n
+        return done
+
+    def readable_views(self, offset: int, size: int) -> list[memoryview]:
+        """Zero-copy views of the readable part (for pwritev). Release them when done."""
+        return [self.memory.view(a, n) for a, n in _pieces(self.readable, offset, size)]
+
+    def writable_views(self, offset: int, size: int) -> list[memoryview]:
+        """Zero-copy views of the writable part (for preadv). Release them when done."""
+        return [self.memory.view(a, n) for a, n in _pieces(self.writable, offset, size)]
+
+
+def _pieces(segments: list[Segment], offset: int, size: int):
+    """(addr, n) pieces covering ``size`` bytes from ``offset`` across ``segments``."""
+    if offset < 0 or size <= 0:
+        return
+    for addr, length in segments:
+        if offset >= length:
+            offset -= length
+            continue
+        n = min(length - offset, size)
+        yield addr + offset, n
+        size -= n
+        if size == 0:
+            return
+        offset = 0
+
+
+class Queue:
+    """One split virtqueue. The transport writes ``size`` and the three ring addresses while the
+    driver configures it; :meth:`activate` validates them. The device layer calls :meth:`pop`,
+    :meth:`add_used` and :meth:`needs_interrupt`, always under its own lock."""
+
+    def __init__(self, memory, index: int, max_size: int):
+        if not (0 < max_size <= MAX_QUEUE_SIZE) or max_size & (max_size - 1):
+            raise ValueError(f"queue {index}: maximum size {max_size} is not a power of two in "
+                             f"1..{MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.index = index
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        """The state after a device reset (virtio-mmio: QueueNum reads back QueueNumMax's value
+        until written, as QEMU and Firecracker do)."""
+        self.size = self.max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.ready = False
+        self.event_idx = False       # VIRTIO_F_EVENT_IDX negotiated (2.7.7, 2.7.10)
+        self.indirect = False        # VIRTIO_F_INDIRECT_DESC negotiated (2.7.5.3)
+        self._clear_ring_state()
+
+    def _clear_ring_state(self) -> None:
+        self.last_avail = 0          # free-running 16-bit index of the next avail entry to take
+        self.used_idx = 0            # free-running 16-bit used.idx the device publishes
+        self._in_flight = bytearray(self.size)   # 1 where a head is in flight
+        self.in_flight = 0
+        self._signalled_used = 0     # used_idx when the driver was last interrupted
+        self._signalled_valid = False
+        self._added = False          # used entries added since the last needs_interrupt()
+
+    # -- activation ----------------------------------------------------------------------------
+    def activate(self, event_idx: bool = False, indirect: bool = False) -> None:
+        """Validate the configuration the driver wrote and start the ring from index 0.
+
+        Raises QueueError (and leaves the queue not ready) if the size is 0, not a power of two
+        or above the maximum, or a ring part is misaligned or not wholly inside guest RAM."""
+        self.ready = False
+        size = self.size
+        if not (0 < size <= self.max_size) or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
+        parts = (("descriptor table", self.desc_addr, DESC_ALIGN, 16 * size),
+                 ("available ring", self.avail_addr, AVAIL_ALIGN, 6 + 2 * size),
+                 ("used ring", self.used_addr, USED_ALIGN, 6 + 8 * size))
+        for what, addr, align, length in parts:
+            if addr % align:
+                raise QueueError(f"{what} at {addr:#x} is not {align}-byte aligned")
+            if not self.memory.contains(addr, length):
+                raise QueueError(f"{what} at {addr:#x}+{length:#x} is not in guest RAM")
+        self.event_idx = bool(event_idx)
+        self.indirect = bool(indirect)
+        self._clear_ring_state()
+        self.ready = True
+
+    # -- available ring ------------------------------------------------------------------------
+    def pop(self) -> DescriptorChain | None:
+        """The next request the driver made available, validated; None if there is none.
+
+        Raises QueueError if the available ring or the chain breaks a rule (the ring is then in
+        an unknown state: the device must be reset)."""
+        if not self.ready:   # virtio-mmio 4.2.2.1: no ring access while QueueReady is 0
+            return None
+        mem = self.memory
+        try:
+            # struct virtq_avail { le16 flags; le16 idx; le16 ring[size]; le16 used_event; }
+            avail_idx = mem.read_u16(self.avail_addr + 2)
+            if avail_idx == self.last_avail:
+                if not self.event_idx:
+                    return None
+                # 2.7.10: ask for a notification when the driver goes past what we consumed,
+                # then look again: a buffer made available meanwhile would not be notified.
+                mem.write_u16(self.used_addr + 4 + 8 * self.size, self.last_avail)  # avail_event
+                full_barrier()
+                avail_idx = mem.read_u16(self.avail_addr + 2)
+                if avail_idx == self.last_avail:
+                    return None
+            pending = (avail_idx - self.last_avail) & 0xFFFF
+            if pending > self.size:
+                raise QueueError(f"avail.idx {avail_idx} is {pending} entries ahead of the "
+                                 f"device ({self.last_avail}); the queue has only {self.size}")
+            head = mem.read_u16(self.avail_addr + 4 + 2 * (self.last_avail % self.size))
+            if head >= self.size:
+                raise QueueError(f"available head {head} is not below the queue size {self.size}")
+            if self._in_flight[head]:
+                raise QueueError(f"head {head} was made available again while still in flight")
+            chain = self._walk(head)
+        except GuestMemoryError as e:   # activation checked the rings; a buffer failed the check
+            raise QueueError(str(e)) from None
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        self._in_flight[head] = 1
+        self.in_flight += 1
+        return chain
+
+    def _walk(self, head: int) -> DescriptorChain:
+        mem = self.memory
+        table, table_len = self.desc_addr, self.size
+        index = head
+        ttl = table_len                 # descriptors this table may still contribute
+        in_indirect = False
+        readable: list[Segment] = []
+        writable: list[Segment] = []
+        total = 0
+        while True:
+            if index >= table_len:
+                where = "indirect table" if in_indirect else "descriptor table"
+                raise QueueError(f"descriptor index {index} is outside the {where} of "
+                                 f"{table_len} entries")
+            if ttl == 0:
+                # 2.7.5.2 forbids loops; a chain cannot visit more descriptors than exist.
+                raise QueueError(f"descriptor chain from head {head} is longer than its table "
+                                 f"({table_len} entries): a loop")
+            ttl -= 1
+            # The one read of this descriptor: everything below uses this local copy.
+            addr, length, flags, nxt = mem.read_struct(table + DESC.size * index, DESC)
+            if flags & DescFlag.INDIRECT:
+                if not self.indirect:
+                    raise QueueError("VIRTQ_DESC_F_INDIRECT used but VIRTIO_F_INDIRECT_DESC was "
+                                     "not negotiated")
+                if in_indirect:
+                    raise QueueError("indirect descriptor inside an indirect table")
+                if flags & DescFlag.NEXT:
+                    raise QueueError("descriptor has both INDIRECT and NEXT")
+                if length == 0 or length % DESC.size:
+                    raise QueueError(f"indirect table length {length} is not a non-zero "
+                                     f"multiple of {DESC.size}")
+                entries = length // DESC.size
+                if entries > MAX_INDIRECT_ENTRIES:
+                    raise QueueError(f"indirect table of {entries} entries (at most "
+                                     f"{MAX_INDIRECT_ENTRIES})")
+                if not mem.contains(addr, length):
+                    raise QueueError(f"indirect table at {addr:#x}+{length:#x} is not in "
+                                     "guest RAM")
+                # 2.7.5.3.2: the device ignores WRITE on the descriptor naming the table.
+                table, table_len, ttl, index, in_indirect = addr, entries, entries, 0, True
+                continue
+            if flags & DescFlag.WRITE:
+                if length:
+                    writable.append(Segment(addr, length))
+            else:
+                if writable:
+                    raise QueueError(f"device-readable descriptor after a device-writable one "
+                                     f"in the chain from head {head}")
+                if length:
+                    readable.append(Segment(addr, length))
+            total += length
+            if total >= CHAIN_LENGTH_LIMIT:
+                raise QueueError(f"descriptor chain from head {head} holds 2^32 bytes or more")
+            if not mem.contains(addr, length):
+                raise QueueError(f"buffer {addr:#x}+{length:#x} is not in guest RAM")
+            if not flags & DescFlag.NEXT:
+                break
+            index = nxt
+        return DescriptorChain(head, readable, writable, mem)
+
+    # -- used ring -----------------------------------------------------------------------------
+    def add_used(self, head: int, written: int) -> None:
+        """Return request ``head`` to the driver, saying ``written`` bytes were written to it."""
+        if not (0 <= head < len(self._in_flight)) or not self._in_flight[head]:
+            raise QueueError(f"device completed head {head}, which is not in flight")
+        mem = self.memory
+        # struct virtq_used { le16 flags; le16 idx; struct virtq_used_elem ring[size];
+        #                     le16 avail_event; }
+        slot = self.used_idx % self.size
+        mem.write_struct(self.used_addr + 4 + USED_ELEM.size * slot, USED_ELEM, head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        # 2.7.8.1: the element is written before idx makes it visible (x86 keeps store order).
+        mem.write_u16(self.used_addr + 2, self.used_idx)
+        self._in_flight[head] = 0
+        self.in_flight -= 1
+        self._added = True
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants a used-buffer notification for what was added since the last
+        call (2.7.7: VIRTQ_AVAIL_F_NO_INTERRUPT, or with VIRTIO_F_EVENT_IDX the used_event
+        index and vring_need_event())."""
+        if not self._added:
+            return False
+        self._added = False
+        # The driver stores used_event/flags and then loads used.idx; we stored used.idx and now
+        # load its field: without the barrier both could miss the other's store.
+        full_barrier()
+        mem = self.memory
+        if self.event_idx:
+            used_event = mem.read_u16(self.avail_addr + 4 + 2 * self.size)
+            new, old = self.used_idx, self._signalled_used
+            valid = self._signalled_valid
+            self._signalled_used, self._signalled_valid = new, True
+            return not valid or vring_need_event(used_event, new, old)
+        return not mem.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """2.7.7.2 / Linux include/uapi/linux/virtio_ring.h: did the index move past ``event_idx``
+    when it went from ``old_idx`` to ``new_idx`` (all 16-bit, wrapping)?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
