@@ -34,6 +34,7 @@ TSS_ADDRESS = 0xFFFB_D000
 IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
+PCI_CONFIG_PORT = 0xCF8
 I8042_BASE, I8042_IRQ = 0x60, 1
 CMOS_BASE = 0x70
 POST_PORT = 0x80
@@ -87,6 +88,8 @@ class Machine:
             self.dispatcher = Dispatcher(self.pio, self.mmio, self.memory, tracer,
                                          has_irqchip=irqchip)
             self.devices: dict[str, object] = {}
+            self.device_map: list[str] = []   # extra lines for --device-map (IRQs, PCI slots)
+            self.pci = None
             # threads stop before any fd closes (ExitStack unwinds last-in first-out)
             self._stack.callback(self._stop_threads)
         except BaseException:
@@ -103,6 +106,34 @@ class Machine:
         m = self.mmio.insert(device, base, name)
         self.devices[m.name] = device
         return device
+
+    def ensure_pci(self):
+        """PCI bus 0 with its host bridge at ports 0xCF8-0xCFF (created once)."""
+        if self.pci is None:
+            from kvmpy.devices.pci import HostBridge, PciBus, PciConfigIo
+
+            self.pci = PciBus()
+            self.pci.add(HostBridge(), 0)
+            self.add_pio_device(PciConfigIo(self.pci), PCI_CONFIG_PORT, "PCI")
+        return self.pci
+
+    def describe(self) -> str:
+        """The device map: ports, MMIO windows, PCI functions, IRQs (``--device-map``)."""
+        lines = ["ports:"]
+        lines += [f"  {m.base:#06x}-{m.end - 1:#06x}  {m.name}" for m in sorted(self.pio.mappings, key=lambda m: m.base)]
+        lines.append("MMIO:")
+        lines += [f"  {m.base:#012x}-{m.end - 1:#012x}  {m.name}" for m in self.mmio.mappings]
+        if self.pci is not None:
+            lines.append("PCI bus 0:")
+            for (dev, fn), f in sorted(self.pci.functions.items()):
+                vendor, device = f.config_read(0, 2), f.config_read(2, 2)
+                lines.append(f"  00:{dev:02x}.{fn}  {vendor:04x}:{device:04x}  {f.name}")
+        irqs = [f"  IRQ {COM1_IRQ}: COM1"] if self.vm.has_irqchip else []
+        if self.vm.has_irqchip:
+            irqs.append(f"  IRQ {I8042_IRQ}: i8042")
+        lines += (["interrupts:"] + irqs) if irqs else []
+        lines += self.device_map
+        return "\n".join(lines)
 
     def irq_line(self, irq: int) -> Callable[[int], None] | None:
         """A callable setting GSI ``irq`` (None without an in-kernel irqchip)."""
@@ -278,10 +309,12 @@ class FlatConfig:
     def __init__(self, image: str, mode: Mode, load: int | None = None,
                  entry: int | None = None, mem_size: int = DEFAULT_MEM, irqchip: bool = False,
                  kvm_path: str | None = None,
-                 console_sink: Callable[[bytes], None] | None = None, tracer=None):
+                 console_sink: Callable[[bytes], None] | None = None, tracer=None,
+                 devices: list | None = None, transport: str = "mmio"):
         self.image, self.mode, self.load, self.entry = image, mode, load, entry
         self.mem_size, self.irqchip, self.kvm_path = mem_size, irqchip, kvm_path
         self.console_sink, self.tracer = console_sink, tracer
+        self.devices, self.transport = devices or [], transport   # [("disk", "path,ro"), ...]
 
 
 def build_flat(cfg: FlatConfig) -> Machine:
@@ -292,6 +325,12 @@ def build_flat(cfg: FlatConfig) -> Machine:
     m = Machine(cfg.mem_size, irqchip=cfg.irqchip, kvm_path=cfg.kvm_path, tracer=cfg.tracer)
     try:
         m.add_legacy_devices(cfg.console_sink)
+        if cfg.devices:
+            from kvmpy.virtio.setup import add_virtio_devices
+
+            if cfg.transport == "pci":
+                m.ensure_pci()
+            add_virtio_devices(m, cfg.devices, cfg.transport)
         size = m.load_flat(cfg.image, load, cfg.mode, data)
         if not m.memory.contains(entry):
             raise ImageError(f"entry point {entry:#x} is outside guest memory")

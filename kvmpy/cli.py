@@ -65,6 +65,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, indent_increment, max_help_position, width)
 
 
+class _DeviceAction(argparse.Action):
+    """--disk/--rng/--net append (kind, value) to one list, keeping command-line order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        devices = list(getattr(namespace, self.dest, None) or [])
+        devices.append((option_string.lstrip("-"), values if values != [] else None))
+        setattr(namespace, self.dest, devices)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, status 2 (ExitStatus.ERROR)
         self.exit(2, f"kvmpy: {message} (see `{self.prog} --help`)\n")
@@ -87,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop the guest after SECONDS (status 124)")
         sp.add_argument("--kvm", metavar="PATH", help="KVM device node (default /dev/kvm, or "
                         "$KVMPY_KVM_DEVICE)")
+        sp.add_argument("--disk", action=_DeviceAction, dest="devices", metavar="PATH[,ro]",
+                        help="virtio-blk disk backed by a raw image file (repeatable; ',ro' for "
+                        "read-only)")
+        sp.add_argument("--rng", action=_DeviceAction, dest="devices", nargs=0,
+                        help="virtio-rng fed from the host's getrandom")
+        sp.add_argument("--transport", choices=["mmio", "pci"], default=None,
+                        help="virtio transport (default: pci for boot, mmio for run)")
+        sp.add_argument("--device-map", action="store_true",
+                        help="print the device map (ports, MMIO, PCI, IRQs) before the guest "
+                        "starts")
         sp.add_argument("--symbols", metavar="FILE", help="System.map or ELF with symbols: name "
                         "RIPs in --trace (default: the kernel's own symbols when it is an ELF "
                         "that has them)")
@@ -216,7 +235,8 @@ def _run(args) -> int:
     tracer, trace_file = _open_tracer(args)
     cfg = FlatConfig(image=image, mode=mode, load=load, entry=entry,
                      mem_size=args.mem or DEFAULT_MEM, irqchip=irqchip, kvm_path=args.kvm,
-                     console_sink=stdout_sink(), tracer=tracer)
+                     console_sink=stdout_sink(), tracer=tracer, devices=args.devices,
+                     transport=args.transport or "mmio")
     return _run_machine(lambda: build_flat(cfg), 1, args, tracer, trace_file)
 
 
@@ -228,6 +248,8 @@ def _run_machine(build, nr_vcpus: int, args, tracer, trace_file, on_built=None) 
         with build() as machine:
             if on_built is not None:
                 on_built(machine)
+            if args.device_map:
+                print(machine.describe(), file=sys.stderr)
             machine.attach_console_input(0, interactive=_isatty(0))
             machine.start(machine.setup, nr_vcpus)
             outcome = machine.wait(args.timeout)
@@ -294,7 +316,8 @@ def _boot(args) -> int:
     cfg = LinuxConfig(args.kernel, args.initrd,
                       DEFAULT_CMDLINE if args.append is None else args.append,
                       mem_size=args.mem or DEFAULT_MEM, cpus=args.cpus, fast_boot=args.fast_boot,
-                      kvm_path=args.kvm, console_sink=stdout_sink(), tracer=tracer)
+                      kvm_path=args.kvm, console_sink=stdout_sink(), tracer=tracer,
+                      devices=args.devices, transport=args.transport or "pci")
 
     def notes(machine):
         for note in machine.boot_plan.notes:

@@ -51,7 +51,6 @@ MIN_LINUX_MEM = 32 * MIB
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 i8042.noaux 8250.nr_uarts=1"
 BOOT_TIMER_PORT = 0x3F0
 BOOT_TIMER_MMIO = 0xC000_0000
-PCI_CONFIG_PORT = 0xCF8
 
 # Linux boot protocol: the 64-bit entry is 0x200 past the protected-mode kernel's start
 # (Documentation/arch/x86/boot.rst, "64-bit boot protocol").
@@ -64,8 +63,10 @@ class LinuxConfig:
 
     def __init__(self, kernel: str, initrd: str | None = None, cmdline: str = DEFAULT_CMDLINE,
                  mem_size: int = DEFAULT_MEM, cpus: int = 1, fast_boot: bool = False,
-                 kvm_path: str | None = None, console_sink=None, tracer=None):
+                 kvm_path: str | None = None, console_sink=None, tracer=None,
+                 devices: list | None = None, transport: str = "pci"):
         self.kernel, self.initrd, self.cmdline = kernel, initrd, cmdline
+        self.devices, self.transport = devices or [], transport
         self.mem_size, self.cpus, self.fast_boot = mem_size, cpus, fast_boot
         self.kvm_path, self.console_sink, self.tracer = kvm_path, console_sink, tracer
 
@@ -103,6 +104,15 @@ def build_linux(cfg: LinuxConfig) -> Machine:
     try:
         _check_cpus(m, cfg.cpus)
         add_boot_devices(m, cfg.console_sink)
+        if cfg.devices:
+            import copy
+
+            from kvmpy.virtio.setup import add_virtio_devices
+
+            extra = add_virtio_devices(m, cfg.devices, cfg.transport)
+            if extra:   # virtio-mmio devices are announced on the command line
+                cfg = copy.copy(cfg)
+                cfg.cmdline = " ".join([cfg.cmdline, *extra])
         plan = BootPlan()
         if kind == "bzimage":
             from kvmpy.loader.bzimage import BzImage
@@ -139,12 +149,9 @@ def _check_cpus(m: Machine, cpus: int) -> None:
 
 def add_boot_devices(m: Machine, console_sink) -> None:
     from kvmpy.devices.boot_timer import BootTimer
-    from kvmpy.devices.pci import HostBridge, PciBus, PciConfigIo
 
     m.add_legacy_devices(console_sink)
-    m.pci = PciBus()
-    m.pci.add(HostBridge(), 0)
-    m.add_pio_device(PciConfigIo(m.pci), PCI_CONFIG_PORT, "PCI")
+    m.ensure_pci()
     timer = BootTimer()
     m.boot_timer = timer
     m.add_pio_device(timer, BOOT_TIMER_PORT, "boot-timer")

@@ -1,0 +1,29 @@
+"""--disk/--rng/--transport/--device-map on the command line: layout, order, errors."""
+from conftest import run_kvmpy
+from pathlib import Path
+
+HELLO = str(Path(__file__).parent.parent / "examples" / "01-real-mode-hello" / "hello.S")
+
+
+def test_device_map_keeps_command_line_order(tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    p = run_kvmpy("run", HELLO, "--mode", "real", "--rng", "--disk", f"{disk},ro",
+                  "--device-map")
+    assert p.returncode == 0, p.stderr
+    err = p.stderr.decode()
+    assert "virtio-mmio 0: 0xd0000000-0xd0000fff IRQ 5  virtio-rng" in err
+    assert f"virtio-mmio 1: 0xd0001000-0xd0001fff IRQ 6  virtio-blk {disk} (ro)" in err
+    assert err.index("0x03f8-0x03ff  COM1") > err.index("0x0060-0x0064  i8042")
+
+
+def test_disk_errors_are_one_line(tmp_path):
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 1000)   # not a multiple of 512
+    for args, word in ((["--disk", str(tmp_path / "missing.img")], "does not exist"),
+                       (["--disk", str(odd)], "512"),
+                       (["--disk", f"{odd},bogus"], "unknown option")):
+        p = run_kvmpy("run", HELLO, "--mode", "real", *args)
+        err = p.stderr.decode()
+        assert p.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert word in err, err
