@@ -7,7 +7,8 @@
 
 Keywords mirror the CLI: ``kernel=, initrd=, append=, cpus=`` boot Linux (``kvmpy boot``);
 ``image=, mode=, load=, entry=, irqchip=`` run a flat binary (``kvmpy run``); ``mem=`` is a size
-('512M') or bytes. The VM starts on ``__enter__`` (or ``start()``), and ``close()`` / ``__exit__``
+('512M') or bytes; ``disks=["rootfs.ext4", "data.img,ro"]``, ``nets=["user"]``, ``rng=True`` and
+``transport=`` add virtio devices as ``--disk``/``--net``/``--rng`` do. The VM starts on ``__enter__`` (or ``start()``), and ``close()`` / ``__exit__``
 release every fd, mmap and thread whatever happened, KeyboardInterrupt included. Many VMs may run
 in one process, from several threads.
 """
@@ -121,14 +122,14 @@ class VM:
     def __init__(self, *, kernel: str | None = None, initrd: str | None = None,
                  append: str | None = None, image: str | None = None, mode: str | None = None,
                  load: int | None = None, entry: int | None = None, mem="256M", cpus: int = 1,
-                 irqchip: bool = False, disks=(), nets=(), timeout: float | None = None,
+                 irqchip: bool = False, disks=(), nets=(), rng: bool = False,
+                 transport: str | None = None, timeout: float | None = None,
                  trace: str | None = None, kvm_path: str | None = None, fast_boot: bool = False):
         if (kernel is None) == (image is None):
             raise KvmpyError("kvmpy.VM needs either kernel= (Linux) or image= and mode= "
                              "(a flat binary)")
-        if disks or nets:
-            raise KvmpyError("disks= and nets= need virtio devices, which this kvmpy version "
-                             "does not have yet")
+        devices = ([("disk", d) for d in disks] + [("net", n) for n in nets]
+                   + ([("rng", None)] if rng else []))
         self.console = Console()
         self.timeout = timeout
         self._trace_file = None
@@ -145,7 +146,8 @@ class VM:
                 self._machine = build_linux(LinuxConfig(
                     kernel, initrd, DEFAULT_CMDLINE if append is None else append,
                     mem_size=_size(mem), cpus=cpus, fast_boot=fast_boot, kvm_path=kvm_path,
-                    console_sink=self.console._write, tracer=tracer))
+                    console_sink=self.console._write, tracer=tracer, devices=devices,
+                    transport=transport or "pci"))
                 self._nr_vcpus = cpus
             else:
                 from kvmpy.builder import FlatConfig, build_flat
@@ -155,7 +157,8 @@ class VM:
                     raise KvmpyError(f"mode={mode!r}: use 'real', 'protected' or 'long'")
                 self._machine = build_flat(FlatConfig(
                     image, Mode(mode), load, entry, _size(mem), irqchip, kvm_path,
-                    console_sink=self.console._write, tracer=tracer))
+                    console_sink=self.console._write, tracer=tracer, devices=devices,
+                    transport=transport or "mmio"))
                 self._nr_vcpus = 1
         except BaseException:
             if self._trace_file:

@@ -99,3 +99,13 @@ def test_many_vms_in_sequence_and_in_threads(build_guest):
     assert counts() == before
     # peak RSS grows by little: no per-VM leak (8 MiB of guest RAM each would show)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50_000
+
+
+def test_disks_and_rng_keywords(build_guest, tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4096))
+    with kvmpy.VM(image=build_guest("uart_hello"), mode="real", disks=[f"{disk},ro"],
+                  rng=True) as vm:
+        assert vm.wait(10).status == 0x21
+        names = [m.name for m in vm.machine.mmio.mappings]
+    assert names == ["virtio0", "virtio1"]
