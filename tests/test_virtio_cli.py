@@ -27,3 +27,18 @@ def test_disk_errors_are_one_line(tmp_path):
         err = p.stderr.decode()
         assert p.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert word in err, err
+
+
+def test_guest_drives_virtio_blk_itself(build_guest, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"BOOTSECT" + bytes(512 * 4 - 8))
+    p = run_kvmpy("run", build_guest("virtio_blk_mmio", 0x100000), "--mode", "long",
+                  "--disk", str(disk), "--timeout", "60")
+    assert p.returncode == 0x21, (p.stdout, p.stderr)
+    lines = p.stdout.decode().splitlines()
+    # "BOOTSECT" as two little-endian dwords
+    assert lines[0] == "read:" + "544f4f42" + "54434553" + "00000000"
+    assert lines[1] == "write:00000000"            # VIRTIO_BLK_S_OK
+    assert lines[2].startswith("flush:")           # UNSUPP (2) unless FLUSH was negotiated
+    data = disk.read_bytes()
+    assert data[512:520] == b"kvmpy!!\n" and data[:8] == b"BOOTSECT"
