@@ -173,7 +173,8 @@ class Machine:
             transform = EscapeFilter(
                 lambda: self._finish(Outcome(StopReason.STOPPED, ExitStatus.OK,
                                              "ended with Ctrl-A x")), stderr_echo)
-        reader = ConsoleInput(fd, self.console, transform).start()
+        target = getattr(self, "input_device", None) or self.console
+        reader = ConsoleInput(fd, target, transform).start()
         self._stack.callback(reader.stop)
 
     # -- images ----------------------------------------------------------------------------

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "read-only)")
         sp.add_argument("--rng", action=_DeviceAction, dest="devices", nargs=0,
                         help="virtio-rng fed from the host's getrandom")
+        sp.add_argument("--virtio-console", action=_DeviceAction, dest="devices", nargs=0,
+                        help="virtio-console (the guest's hvc0); host input goes to it instead "
+                        "of COM1 (use console=hvc0 for Linux)")
         sp.add_argument("--transport", choices=["mmio", "pci"], default=None,
                         help="virtio transport (default: pci for boot, mmio for run)")
         sp.add_argument("--device-map", action="store_true",

@@ -1,5 +1,5 @@
 """Virtio devices for a machine, as the command line asks for them (``--disk``, ``--rng``,
-later ``--net``), in the order given, on the chosen transport.
+``--virtio-console``, ``--net``), in the order given, on the chosen transport.
 
 Layout (fixed and printed by ``--device-map``): virtio-mmio slot k at 0xd0000000 + k*0x1000
 with IRQ 5, 6, 7, 9, 10, 11 (kvmpy/virtio/mmio.py placement(): ISA IRQs the PC leaves free;
@@ -38,6 +38,12 @@ def make_device(machine, kind: str, arg: str | None):
         from kvmpy.virtio.rng import VirtioRng
 
         return VirtioRng(machine.memory), "virtio-rng (host getrandom)"
+    if kind == "virtio-console":
+        from kvmpy.virtio.console import VirtioConsole
+
+        dev = VirtioConsole(machine.memory, sink=machine.console._sink)
+        machine.input_device = dev   # host stdin now goes here (the guest's hvc0)
+        return dev, "virtio-console (hvc0; takes the host's stdin)"
     if kind == "net":
         from kvmpy.virtio.netsetup import make_net
 

@@ -1,0 +1,97 @@
+"""virtio-console (virtio 1.2 section 5.3): one port, the guest's /dev/hvc0.
+
+Two queues (5.3.2): receiveq 0 carries host -> guest bytes in buffers the driver posts;
+transmitq 1 carries guest -> host bytes, handed to ``sink``. No feature bits are offered (no
+MULTIPORT, SIZE or EMERG_WRITE), so the config space is not used (5.3.4).
+
+Host input arrives through :meth:`feed` (another thread) into a bounded buffer (64 KiB; what
+does not fit is refused, so a caller that must not lose input offers at most :meth:`rx_free`
+bytes, as kvmpy/console.py does for the UART) and is delivered into receive buffers as soon as
+the driver posts some. Guest output is not throttled beyond the sink's own pace.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from kvmpy.virtio.device import DeviceType, Interrupt, VirtioDevice
+from kvmpy.virtio.queue import DescriptorChain, Queue, QueueError
+
+QUEUE_SIZE = 128
+RX_BUFFER_MAX = 64 * 1024
+RECEIVEQ, TRANSMITQ = 0, 1
+
+
+class VirtioConsole(VirtioDevice):
+    device_type = DeviceType.CONSOLE
+    name = "console"
+
+    def __init__(self, memory, sink: Callable[[bytes], object] | None = None,
+                 queue_size: int = QUEUE_SIZE):
+        super().__init__(memory, [queue_size, queue_size], config=bytes(12))
+        self.sink = sink
+        self._pending = bytearray()
+        self._pending_lock = threading.Lock()
+        self.rx_dropped = 0
+        self.tx_bytes = 0
+
+    # -- host side (any thread) ------------------------------------------------------------------
+    def rx_free(self) -> int:
+        with self._pending_lock:
+            return RX_BUFFER_MAX - len(self._pending)
+
+    def feed(self, data: bytes) -> int:
+        """Queue host input for the guest; returns how many bytes were taken."""
+        with self._pending_lock:
+            n = min(len(data), RX_BUFFER_MAX - len(self._pending))
+            self._pending += data[:n]
+            self.rx_dropped += len(data) - n
+        self.deliver()
+        return n
+
+    def deliver(self) -> None:
+        """Move pending input into receive buffers the driver posted, then interrupt."""
+        with self.lock:
+            q = self.queues[RECEIVEQ]
+            if not self.live or not q.ready:
+                return
+            try:
+                self._fill(q)
+                if q.needs_interrupt():
+                    self._signal(Interrupt.USED_BUFFER)
+            except QueueError as e:
+                self.needs_reset(f"queue {RECEIVEQ}: {e}", "ring")
+            except Exception as e:   # the device boundary (hostile-inputs 13)
+                self.needs_reset(f"queue {RECEIVEQ}: {type(e).__name__}: {e}", "handler")
+
+    def _fill(self, q: Queue) -> None:
+        for _ in range(q.size):
+            with self._pending_lock:
+                if not self._pending:
+                    return
+            chain = q.pop()
+            if chain is None:
+                return
+            with self._pending_lock:
+                chunk = bytes(self._pending[:chain.write_len])
+                written = chain.write(0, chunk) if chunk else 0
+                del self._pending[:written]
+            q.add_used(chain.head, written)
+
+    # -- guest side ------------------------------------------------------------------------------
+    def process_queue(self, queue: Queue) -> bool:
+        if queue.index == RECEIVEQ:   # new receive buffers: deliver what is waiting
+            self._fill(queue)
+            return False
+        return super().process_queue(queue)
+
+    def handle_request(self, queue: Queue, chain: DescriptorChain) -> int:
+        data = chain.read(0, min(chain.read_len, 1 << 20))
+        self.tx_bytes += len(data)
+        if data and self.sink is not None:
+            self.sink(data)
+        return 0
+
+    def on_reset(self) -> None:
+        with self._pending_lock:
+            self._pending.clear()
