@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "read-only)")
         sp.add_argument("--rng", action=_DeviceAction, dest="devices", nargs=0,
                         help="virtio-rng fed from the host's getrandom")
+        sp.add_argument("--net", action=_DeviceAction, dest="devices", metavar="SPEC",
+                        help="virtio-net: user[,hostfwd=tcp::HOSTPORT-:GUESTPORT] (libslirp, "
+                        "no root) or tap=NAME; ,mac=52:54:00:... (repeatable)")
         sp.add_argument("--virtio-console", action=_DeviceAction, dest="devices", nargs=0,
                         help="virtio-console (the guest's hvc0); host input goes to it instead "
                         "of COM1 (use console=hvc0 for Linux)")
