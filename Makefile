@@ -9,6 +9,7 @@ STAMP := $(VENV)/.kvmpy-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages kvmpy needs (installed by `deps` when missing): a C compiler and <linux/kvm.h>
 # for the cffi extension, binutils (as, ld) for guests, cpio (tests read initramfs archives back),
+# libslirp0 (--net user),
 # venv support for the virtualenv.
 
 .PHONY: all run demo guest test build deps bench clean doctor
@@ -40,6 +41,7 @@ deps:
 	command -v as >/dev/null && command -v ld >/dev/null || missing="$$missing binutils"; \
 	[ -f /usr/include/linux/kvm.h ] || missing="$$missing linux-libc-dev"; \
 	command -v cpio >/dev/null || missing="$$missing cpio"; \
+	ldconfig -p 2>/dev/null | grep -q libslirp.so.0 || missing="$$missing libslirp0"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

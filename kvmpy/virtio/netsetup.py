@@ -73,7 +73,17 @@ def make_net(machine, spec: str):
 
 
 def attach_backend(machine, backend) -> None:
-    """Let the machine's virtio I/O thread serve the backend's fds (and its timers)."""
+    """Let the machine's virtio I/O thread serve the backend's fd (an epoll set that includes
+    its timers); the fd leaves the I/O thread before the device closes the backend."""
     io = machine.virtio_iothread
+    fds = [fd for fd, _ in backend.fds()]
     for fd, callback in backend.fds():
         io.add_reader(fd, callback)
+
+    def detach():
+        for fd in fds:
+            try:
+                io.remove_reader(fd)
+            except Exception:
+                pass
+    machine._stack.callback(detach)
