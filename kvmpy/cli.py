@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device-map", action="store_true",
                         help="print the device map (ports, MMIO, PCI, IRQs) before the guest "
                         "starts")
+        sp.add_argument("--gdb", metavar="tcp::PORT", help="serve the GDB remote protocol "
+                        "(localhost only unless tcp:HOST:PORT names an address)")
+        sp.add_argument("--gdb-wait", action="store_true", help="stop before the first "
+                        "instruction until gdb connects and continues (implies --gdb tcp::1234)")
         sp.add_argument("--symbols", metavar="FILE", help="System.map or ELF with symbols: name "
                         "RIPs in --trace (default: the kernel's own symbols when it is an ELF "
                         "that has them)")
@@ -256,8 +260,11 @@ def _run_machine(build, nr_vcpus: int, args, tracer, trace_file, on_built=None) 
                 on_built(machine)
             if args.device_map:
                 print(machine.describe(), file=sys.stderr)
+            setup = machine.setup
+            if getattr(args, "gdb", None) or getattr(args, "gdb_wait", False):
+                setup = _attach_gdb(machine, args, setup)
             machine.attach_console_input(0, interactive=_isatty(0))
-            machine.start(machine.setup, nr_vcpus)
+            machine.start(setup, nr_vcpus)
             outcome = machine.wait(args.timeout)
             if args.stats:
                 print_stats(machine, outcome)
@@ -272,6 +279,25 @@ def _run_machine(build, nr_vcpus: int, args, tracer, trace_file, on_built=None) 
         if outcome.report:
             print(outcome.report, file=sys.stderr)
     return outcome.status
+
+
+def _attach_gdb(machine, args, setup):
+    from kvmpy.errors import KvmpyError
+    from kvmpy.gdbstub import GdbStub, parse_address
+
+    try:
+        host, port = parse_address(args.gdb or "tcp::1234")
+        stub = GdbStub(machine, host, port, wait=args.gdb_wait)
+    except OSError as e:
+        raise KvmpyError(f"--gdb {args.gdb or 'tcp::1234'}: cannot listen: {e.strerror}; "
+                         "choose another port") from None
+    except ValueError as e:
+        raise KvmpyError(f"--gdb {args.gdb}: {e}") from None
+    machine._stack.callback(stub.close)
+    print(f"kvmpy: gdb stub on {host}:{stub.port}"
+          + (" (waiting for gdb before the first instruction)" if args.gdb_wait else ""),
+          file=sys.stderr)
+    return stub.wrap_setup(setup)
 
 
 def _open_tracer(args):

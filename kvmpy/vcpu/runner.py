@@ -96,7 +96,7 @@ class VcpuThread:
             vcpu = self.vm.create_vcpu(self.vcpu_id)
             with self._lock:
                 self.vcpu = vcpu
-                if self._stopping:
+                if self._stopping or self._requests:   # asked for before the vCPU existed
                     vcpu.run_struct.immediate_exit = 1
             try:
                 self.setup(vcpu)
