@@ -245,13 +245,19 @@ class Machine:
         self._resume = resume = threading.Event()
         paused = threading.Semaphore(0)
 
-        def hold(vcpu):
-            paused.release()
-            resume.wait()
+        def holder(thread):
+            def hold(vcpu):
+                paused.release()
+                # while paused, still serve requests (registers(), a debugger) in this thread
+                while not resume.wait(0.005):
+                    outcome = thread._run_requests(vcpu)
+                    if outcome is not None:
+                        return outcome
+            return hold
 
         live = [t for t in self._threads if t._thread.is_alive()]
         for t in live:
-            t.call(hold)
+            t.call(holder(t))
         for _ in live:
             if not paused.acquire(timeout=timeout):
                 break

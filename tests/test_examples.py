@@ -36,3 +36,40 @@ def test_lesson3_long_mode():
     assert [r["reason"] for r in recs] == ["IO", "IO", "IO", "MMIO", "IO"]
     assert recs[3]["addr"] == 0xD0000000 and recs[3]["data"] == 0xFFFFFFFF
     assert all(r["rip"] >= 0x100000 for r in recs)
+
+
+def _lesson(*parts):
+    env = dict(os.environ, PYTHONPATH=str(EX.parent))
+    return subprocess.run([sys.executable, str(EX.joinpath(*parts))], capture_output=True,
+                          timeout=90, env=env)
+
+
+def test_lesson4_real_to_long():
+    p = _lesson("04-real-to-long", "walk.py")
+    assert p.returncode == 0, p.stderr
+    err = p.stderr.decode().splitlines()
+    assert "PE=0, PG=0" in err[0] and "CS=0x0" in err[0]
+    assert "PE=1, PG=0" in err[1] and "CS=0x8" in err[1]
+    assert "PE=1, PG=1" in err[2] and "CR4.PAE=1" in err[2] and "EFER=0x500" in err[2]
+    assert b"halting with interrupts off" in p.stdout
+
+
+def test_lesson5_mmio_device():
+    p = _lesson("05-mmio-device", "counter.py")
+    assert p.returncode == 31, p.stderr
+    err = p.stderr.decode()
+    assert err.count("write TICK") == 3 and "read COUNT -> 15" in err
+
+
+def test_lesson6_virtqueue_by_hand():
+    p = _lesson("06-virtqueue-by-hand", "virtqueue.py")
+    assert p.returncode == 0, p.stderr
+    assert b"used.idx=1 head=0 written=16" in p.stdout
+
+
+def test_lesson7_reading_a_trace():
+    p = _lesson("07-reading-a-trace", "trace.py")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    assert "COM1.LSR read -> 0x60" in out and "COM1.THR write 0x48 'H'" in out
+    assert "exits by reason" in out and "KVM_EXIT_IO" in out

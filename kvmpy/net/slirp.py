@@ -261,7 +261,7 @@ class SlirpBackend(Backend):
                                       onerror=onerror),
             "register_poll_fd": ffi.callback("void(int, void *)", self._cb_poll_fd,
                                              onerror=onerror),
-            "unregister_poll_fd": ffi.callback("void(int, void *)", self._cb_poll_fd,
+            "unregister_poll_fd": ffi.callback("void(int, void *)", self._cb_unregister_poll_fd,
                                                onerror=onerror),
             "notify": ffi.callback("void(void *)", self._cb_notify, onerror=onerror),
         }
@@ -305,6 +305,15 @@ class SlirpBackend(Backend):
     def _cb_poll_fd(self, fd, opaque):
         pass     # the fds come from slirp_pollfds_fill, after every call that may change them
 
+    def _cb_unregister_poll_fd(self, fd, opaque):
+        # libslirp calls this just before it closes fd; forget it now, or a new socket that
+        # gets the same number with the same mask would never be added to the epoll set.
+        if self._registered.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
     def _cb_notify(self, opaque):
         self._wake()
 
@@ -330,9 +339,9 @@ class SlirpBackend(Backend):
                 return
             self._lib.slirp_input(self._slirp, frame, len(frame))
             self.tx_frames += 1
-            self._refill()
-        if self._rxq:
-            self._wake()
+        # The I/O thread refills the poll set (sockets this frame opened) and delivers replies
+        # once per wakeup, not once per frame: slirp_pollfds_fill costs O(sockets).
+        self._wake()
 
     def add_hostfwd(self, proto: str, host_addr: str, host_port: int, guest_port: int,
                     guest_addr: str | None = None) -> None:
