@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 
 from kvmpy.virtio.device import DeviceType, Interrupt, VirtioDevice
-from kvmpy.virtio.queue import DescriptorChain, Queue, QueueError
+from kvmpy.virtio.queue import DescriptorChain, Queue
 
 QUEUE_SIZE = 128
 RX_BUFFER_MAX = 64 * 1024
@@ -55,14 +55,10 @@ class VirtioConsole(VirtioDevice):
             q = self.queues[RECEIVEQ]
             if not self.live or not q.ready:
                 return
-            try:
+            with self.boundary(RECEIVEQ):
                 self._fill(q)
                 if q.needs_interrupt():
                     self._signal(Interrupt.USED_BUFFER)
-            except QueueError as e:
-                self.needs_reset(f"queue {RECEIVEQ}: {e}", "ring")
-            except Exception as e:   # the device boundary (hostile-inputs 13)
-                self.needs_reset(f"queue {RECEIVEQ}: {type(e).__name__}: {e}", "handler")
 
     def _fill(self, q: Queue) -> None:
         for _ in range(q.size):

@@ -32,6 +32,7 @@ changes device state.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import sys
 import threading
@@ -247,6 +248,17 @@ class VirtioDevice:
             except Exception as e:   # e.g. an interrupt callable that failed
                 self.needs_reset(f"queue {index}: interrupt: {type(e).__name__}: {e}", "handler")
             return more and self.live
+
+    @contextlib.contextmanager
+    def boundary(self, index: int):
+        """For work a device does outside notify() (host input arriving on another thread):
+        a bad ring or a device bug sets DEVICE_NEEDS_RESET instead of escaping."""
+        try:
+            yield
+        except QueueError as e:
+            self.needs_reset(f"queue {index}: {e}", "ring")
+        except Exception as e:   # the device boundary (hostile-inputs 13)
+            self.needs_reset(f"queue {index}: {type(e).__name__}: {e}", "handler")
 
     def process_queue(self, queue: Queue) -> bool:
         """Run requests of ``queue``: at most its size per call, so one notification costs

@@ -47,6 +47,7 @@ import threading
 from collections.abc import Callable
 
 from kvmpy.errors import KvmpyError
+from kvmpy.virtio.transport import QueueKicker
 from kvmpy.virtio.device import Status, VirtioDevice
 from kvmpy.vmexit.bus import BusDevice
 
@@ -123,7 +124,7 @@ def kernel_cmdline_arg(base: int, irq: int) -> str:
     return f"virtio_mmio.device=4K@{base:#x}:{irq}"
 
 
-class VirtioMmio(BusDevice):
+class VirtioMmio(BusDevice, QueueKicker):
     """The virtio-mmio register block of one device. It owns ``device`` (closing closes it)."""
 
     window = MMIO_WINDOW
@@ -279,16 +280,6 @@ class VirtioMmio(BusDevice):
             return
         self._kick(index)
 
-    def _kick(self, index: int) -> None:
-        if self._eventfds:
-            # A notify that reached userspace anyway (or the DRIVER_OK kick) goes through the
-            # I/O thread too, so one thread runs the queues.
-            os.eventfd_write(self._eventfds[index], 1)
-        else:
-            # Direct mode: the notifying vCPU runs the queue until it is empty.
-            while self.device.notify(index):
-                pass
-
     # -- interrupts ----------------------------------------------------------------------------
     @property
     def interrupt_status(self) -> int:
@@ -330,13 +321,6 @@ class VirtioMmio(BusDevice):
         except BaseException:
             self.detach_ioeventfds()
             raise
-
-    def _on_eventfd(self, fd: int, index: int) -> bool:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:   # called again for leftover work: nothing new to consume
-            pass
-        return self.device.notify(index)
 
     def detach_ioeventfds(self) -> None:
         fds, self._eventfds = self._eventfds, []

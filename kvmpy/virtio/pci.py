@@ -69,6 +69,7 @@ from collections.abc import Callable
 from kvmpy.devices.pci import (COMMAND, INTERRUPT_LINE, INTERRUPT_PIN, STATUS, SUBSYS_VENDOR,
                                PciFunction)
 from kvmpy.errors import KvmpyError
+from kvmpy.virtio.transport import QueueKicker
 from kvmpy.virtio.device import DeviceType, Interrupt, Status, VirtioDevice
 from kvmpy.virtio.msix import MSIX_CAP_ID, Msix
 from kvmpy.vmexit.bus import BusDevice, BusOverlapError
@@ -177,7 +178,7 @@ class VirtioPciBar(BusDevice):
         return self.function.bar_register_name(offset)
 
 
-class VirtioPci(PciFunction):
+class VirtioPci(PciFunction, QueueKicker):
     """One virtio device as a PCI function. It owns ``device`` (closing closes it).
 
     ``vm``: a :class:`kvmpy.vm.Vm` (or None in tests). With an in-kernel irqchip, MSI-X goes
@@ -560,23 +561,6 @@ class VirtioPci(PciFunction):
             self.ignored += 1     # QueueNotify = 0xffff and friends (CVE-2011-2512 class)
             return
         self._kick(index)
-
-    def _kick(self, index: int) -> None:
-        if self._eventfds:
-            # A notify that reached userspace anyway (or the DRIVER_OK kick) goes through the
-            # I/O thread too, so one thread runs the queues.
-            os.eventfd_write(self._eventfds[index], 1)
-        else:
-            # Direct mode: the notifying vCPU runs the queue until it is empty.
-            while self.device.notify(index):
-                pass
-
-    def _on_eventfd(self, fd: int, index: int) -> bool:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:   # called again for leftover work: nothing new to consume
-            pass
-        return self.device.notify(index)
 
     # -- interrupts (4.1.4.5, 4.1.5.3, 4.1.5.4) ------------------------------------------------
     @property
