@@ -159,12 +159,14 @@ class Machine:
     def attach_console_input(self, fd: int, interactive: bool = False) -> None:
         """Feed host fd ``fd`` (stdin) to COM1 until the machine closes. ``interactive``: a
         terminal in raw mode with the Ctrl-A escape keys (Ctrl-A x ends the VM)."""
-        from kvmpy.console import ConsoleInput
-
         try:
-            os.fstat(fd)
+            st = os.fstat(fd)
         except OSError:
             return   # no standard input at all
+        if os.path.samestat(st, _devnull_stat()):
+            return   # /dev/null: nothing will ever arrive; spare the thread
+        from kvmpy.console import ConsoleInput
+
         transform = None
         if interactive:
             from kvmpy.terminal import EscapeFilter, RawTerminal, stderr_echo
@@ -283,6 +285,10 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _devnull_stat():
+    return os.stat(os.devnull)
 
 
 def read_image(path: str, load: int = 0) -> bytes:
