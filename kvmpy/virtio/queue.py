@@ -70,6 +70,10 @@ class DescFlag(enum.IntFlag):
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1  # avail.flags: the driver does not want used-buffer interrupts
 
 
+# Plain ints for the per-descriptor tests: IntFlag's __and__ costs an enum construction each time.
+_F_NEXT, _F_WRITE, _F_INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
+
+
 class QueueError(Exception):
     """The driver broke the virtqueue protocol; the device must be reset (virtio 1.2 2.1.2)."""
 
@@ -271,13 +275,13 @@ class Queue:
             ttl -= 1
             # The one read of this descriptor: everything below uses this local copy.
             addr, length, flags, nxt = mem.read_struct(table + DESC.size * index, DESC)
-            if flags & DescFlag.INDIRECT:
+            if flags & _F_INDIRECT:
                 if not self.indirect:
                     raise QueueError("VIRTQ_DESC_F_INDIRECT used but VIRTIO_F_INDIRECT_DESC was "
                                      "not negotiated")
                 if in_indirect:
                     raise QueueError("indirect descriptor inside an indirect table")
-                if flags & DescFlag.NEXT:
+                if flags & _F_NEXT:
                     raise QueueError("descriptor has both INDIRECT and NEXT")
                 if length == 0 or length % DESC.size:
                     raise QueueError(f"indirect table length {length} is not a non-zero "
@@ -292,7 +296,7 @@ class Queue:
                 # 2.7.5.3.2: the device ignores WRITE on the descriptor naming the table.
                 table, table_len, ttl, index, in_indirect = addr, entries, entries, 0, True
                 continue
-            if flags & DescFlag.WRITE:
+            if flags & _F_WRITE:
                 if length:
                     writable.append(Segment(addr, length))
             else:
@@ -306,7 +310,7 @@ class Queue:
                 raise QueueError(f"descriptor chain from head {head} holds 2^32 bytes or more")
             if not mem.contains(addr, length):
                 raise QueueError(f"buffer {addr:#x}+{length:#x} is not in guest RAM")
-            if not flags & DescFlag.NEXT:
+            if not flags & _F_NEXT:
                 break
             index = nxt
         return DescriptorChain(head, readable, writable, mem)
