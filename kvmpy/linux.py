@@ -22,7 +22,6 @@ kernel enters in 32-bit mode with EAX = 0x2BADB002, EBX = multiboot info.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -261,6 +260,8 @@ def _pvh(m: Machine, cfg: LinuxConfig, elf, initrd: bytes, kernel_end: int,
 def _load_fast_boot(m: Machine, cfg: LinuxConfig, bz, initrd: bytes, plan: BootPlan) -> None:
     from kvmpy.loader.decompress import cached_vmlinux
     from kvmpy.loader.elf import ElfImage
+
+    import hashlib
 
     t0 = time.monotonic()
     cache = os.path.join(os.environ.get("KVMPY_CACHE") or os.path.join(

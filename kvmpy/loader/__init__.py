@@ -30,16 +30,20 @@ def detect(data: bytes, path: str) -> str:
 
     Anything else, truncated or corrupt files included, raises ImageError naming what is wrong.
     """
-    from kvmpy.loader.bzimage import BOOT_FLAG, BOOT_FLAG_OFFSET, BzImage, has_boot_signature
-    from kvmpy.loader.elf import ELF_MAGIC, EM_X86_64, ElfImage
-    from kvmpy.loader.multiboot import MultibootImage, find_header
-
+    # Each format's module is imported only when the bytes point at it: they are not cheap to
+    # import, and `kvmpy boot` startup is measured (benchmarks/boot).
     if not data:
         raise ImageError(f"{path} is empty: it is not a kernel image (bzImage, vmlinux ELF or "
                          "multiboot kernel)")
-    if has_boot_signature(data):
+    if data[0x1FE:0x200] == b"\x55\xaa" and data[0x202:0x206] == b"HdrS":
+        from kvmpy.loader.bzimage import BzImage
+
         BzImage.parse(data, path)
         return "bzimage"
+    from kvmpy.loader.bzimage import BOOT_FLAG, BOOT_FLAG_OFFSET
+    from kvmpy.loader.elf import ELF_MAGIC, EM_X86_64, ElfImage
+    from kvmpy.loader.multiboot import MultibootImage, find_header
+
     if (len(data) < 0x206 and len(data) >= BOOT_FLAG_OFFSET + 2
             and int.from_bytes(data[BOOT_FLAG_OFFSET:BOOT_FLAG_OFFSET + 2], "little") == BOOT_FLAG):
         raise ImageError(f"{path} is truncated ({len(data)} bytes): a boot sector without the "
