@@ -220,19 +220,11 @@ class VirtioMmio(BusDevice, QueueKicker):
             return None
 
     # -- registers with effects ----------------------------------------------------------------
-    def _selected(self):
-        queues = self.device.queues
-        sel = self._queue_sel
-        return queues[sel] if sel < len(queues) else None
-
     def _queue_write(self, offset: int, value: int) -> None:
         dev = self.device
         with dev.lock:
-            q = self._selected()
-            s = dev.status
-            # 4.2.3.2 / 3.1.1: queues are configured after FEATURES_OK and before DRIVER_OK.
-            if q is None or not s & _FEATURES_OK or s & _DRIVER_OK:
-                self.ignored += 1
+            q = self._configurable_queue()
+            if q is None:
                 return
             if offset == Reg.QUEUE_READY:
                 if value == 1 and not q.ready:

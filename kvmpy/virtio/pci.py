@@ -237,7 +237,7 @@ class VirtioPci(PciFunction, QueueKicker):
             self._intx = 0
             self._device_feature_select = 0
             self._driver_feature_select = 0
-            self._queue_select = 0
+            self._queue_sel = 0
             self._config_vector = VIRTIO_MSI_NO_VECTOR
             self._queue_vectors = [VIRTIO_MSI_NO_VECTOR] * queues
             self._seen_used = [0] * queues   # used.idx at the last interrupt, per queue
@@ -422,11 +422,6 @@ class VirtioPci(PciFunction, QueueKicker):
         return "msix_pba"
 
     # -- common configuration (4.1.4.3) --------------------------------------------------------
-    def _selected(self):
-        sel = self._queue_select
-        queues = self.device.queues
-        return queues[sel] if sel < len(queues) else None
-
     def _common_read(self, offset: int, size: int) -> int | None:
         addr_reg = _addr_reg(offset, size)
         if addr_reg is None and _WIDTH.get(offset) != size:
@@ -454,7 +449,7 @@ class VirtioPci(PciFunction, QueueKicker):
         if offset == Common.CONFIG_GENERATION:
             return dev.config_generation & 0xFF
         if offset == Common.QUEUE_SELECT:
-            return self._queue_select
+            return self._queue_sel
         q = self._selected()
         if offset == Common.QUEUE_MSIX_VECTOR:
             return self._queue_vectors[q.index] if q is not None else VIRTIO_MSI_NO_VECTOR
@@ -487,7 +482,7 @@ class VirtioPci(PciFunction, QueueKicker):
         elif offset == Common.DEVICE_STATUS:
             self._set_status(value)
         elif offset == Common.QUEUE_SELECT:
-            self._queue_select = value
+            self._queue_sel = value
         elif offset in _QUEUE_REGS:
             self._queue_write(offset, size, value, None)
         else:   # device_feature, num_queues, config_generation, queue_notify_off: read-only
@@ -504,11 +499,8 @@ class VirtioPci(PciFunction, QueueKicker):
     def _queue_write(self, offset: int, size: int, value: int, addr_reg) -> None:
         dev = self.device
         with dev.lock:
-            q = self._selected()
-            s = dev.status
-            # 3.1.1: queues are configured after FEATURES_OK and before DRIVER_OK.
-            if q is None or not s & _FEATURES_OK or s & _DRIVER_OK:
-                self.ignored += 1
+            q = self._configurable_queue()
+            if q is None:
                 return
             if offset == Common.QUEUE_ENABLE:
                 if value != 1:       # 4.1.4.3.2: the driver MUST NOT write 0
