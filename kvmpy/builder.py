@@ -90,6 +90,8 @@ class Machine:
             self.devices: dict[str, object] = {}
             self.device_map: list[str] = []   # extra lines for --device-map (IRQs, PCI slots)
             self.pci = None
+            self.console = None        # COM1, once add_legacy_devices() ran
+            self.input_device = None   # where host stdin goes instead of COM1 (virtio-console)
             # threads stop before any fd closes (ExitStack unwinds last-in first-out)
             self._stack.callback(self._stop_threads)
         except BaseException:
@@ -175,7 +177,7 @@ class Machine:
             transform = EscapeFilter(
                 lambda: self._finish(Outcome(StopReason.STOPPED, ExitStatus.OK,
                                              "ended with Ctrl-A x")), stderr_echo)
-        target = getattr(self, "input_device", None) or self.console
+        target = self.input_device or self.console
         reader = ConsoleInput(fd, target, transform).start()
         self._stack.callback(reader.stop)
 
