@@ -21,6 +21,11 @@ only a PVH boot prints it) and writes 0 to isa-debug-exit: process status 1.
                      (tests/synthetic.py, bzimage64.S) that prints `boot-bench bzimage
                      hdr:53726448`; kvmpy only (QEMU needs real-mode setup code for a bzImage)
 
+With --no-pyc a second table runs the Python children as this workplace runs them:
+PYTHONDONTWRITEBYTECODE=1 and no PYTHONPYCACHEPREFIX, so .pyc files are read from kvmpy's own
+__pycache__ folders where they are current and never written; a kvmpy module changed since its
+.pyc was written is compiled from source on every run (the script counts them).
+
 Each run goes through the C helper firstline.c (fork, exec with stdout on a pipe, stdin and
 stderr on /dev/null): time to the first '\\n' on the pipe, wall time fork to reap, the child's
 ru_maxrss, its status and its first line, which must be the expected one in every run. Runs are
@@ -345,6 +350,34 @@ def profile_main(kernel: str, env: dict[str, str], python: str, top: int) -> str
                      if not l.startswith("boot-bench "))
 
 
+def stale_pyc(modules: list[str]) -> list[str]:
+    """Those of the kvmpy ``modules`` that have no current .pyc in their __pycache__ (what a run
+    with PYTHONDONTWRITEBYTECODE=1 and no PYTHONPYCACHEPREFIX compiles from source every time)."""
+    import importlib.util
+
+    stale = []
+    for mod in modules:
+        base = os.path.join(REPO, *mod.split("."))
+        src = os.path.join(base, "__init__.py") if os.path.isdir(base) else base + ".py"
+        if not os.path.exists(src):
+            continue
+        d, f = os.path.split(src)
+        pyc = os.path.join(d, "__pycache__", f"{f[:-3]}.{sys.implementation.cache_tag}.pyc")
+        st = os.stat(src)
+        try:
+            with open(pyc, "rb") as fh:
+                head = fh.read(16)
+        except OSError:
+            head = b""
+        ok = (len(head) == 16 and head[:4] == importlib.util.MAGIC_NUMBER
+              and int.from_bytes(head[4:8], "little") == 0
+              and int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+              and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
+        if not ok:
+            stale.append(os.path.relpath(src, REPO))
+    return stale
+
+
 def loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -362,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qemu", default=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")
     p.add_argument("--no-bzimage", action="store_true", help="leave out the kvmpy bzImage row")
     p.add_argument("--no-pyc", action="store_true",
-                   help="also time with PYTHONDONTWRITEBYTECODE=1 (no .pyc for kvmpy)")
+                   help="also time with PYTHONDONTWRITEBYTECODE=1 and no PYTHONPYCACHEPREFIX")
     p.add_argument("--imports", type=int, default=5, help="importtime runs (0: skip)")
     p.add_argument("--profile", action="store_true",
                    help="also time the phases of `kvmpy boot`, cProfile kvmpy.cli.main and show "
@@ -394,10 +427,17 @@ def main(argv: list[str] | None = None) -> int:
     table(f"boot, .pyc cached, median of {args.runs} interleaved runs (times from fork)",
           measure(args.firstline, cmds, env, args.runs))
     if args.no_pyc:
-        print()
-        table(f"boot, PYTHONDONTWRITEBYTECODE=1 (kvmpy compiled from source each run), median "
-              f"of {args.runs} interleaved runs",
-              measure(args.firstline, cmds, python_env(out, pyc=False), args.runs))
+        no_pyc = python_env(out, pyc=False)
+        mods = [m[0] for m in importtime([python, *cmds["kvmpy pvh"]], no_pyc, 1)
+                if _is_kvmpy(m[0])]
+        stale = stale_pyc(mods)
+        print(f"\nPYTHONDONTWRITEBYTECODE=1, no PYTHONPYCACHEPREFIX: .pyc read from kvmpy's "
+              f"__pycache__ folders, never written; of the {len(mods)} kvmpy modules that "
+              f"`kvmpy boot` imports, {len(stale)} have no current .pyc there (compiled from "
+              f"source on every run)"
+              + (f": {', '.join(stale)}" if stale else ""))
+        table(f"boot, PYTHONDONTWRITEBYTECODE=1, median of {args.runs} interleaved runs",
+              measure(args.firstline, cmds, no_pyc, args.runs))
     print(f"load average after timing: {loadavg()}")
     if args.imports:
         report_imports(cmds["kvmpy pvh"], python, env, args.imports)
