@@ -42,12 +42,10 @@ entry:  mov %ebx, %ebp
         test %edi, %edi
         jz 3f
         mov 24(%ebp), %esi              /* mods_addr: mod_start, mod_end, string */
-        mov $' ', %al
-        PUTC_AL
+        SPACE
         mov 0(%esi), %edi
         PUTHEX32_EDI
-        mov $' ', %al
-        PUTC_AL
+        SPACE
         mov 4(%esi), %edi
         PUTHEX32_EDI
 3:      NEWLINE

@@ -30,16 +30,13 @@ pvh_start:
         test %edi, %edi
         jz 3f
         mov 16(%ebp), %esi              /* modlist_paddr (%ebx: PUTC clobbers %bl) */
-        mov $' ', %al
-        PUTC_AL
+        SPACE
         mov 0(%esi), %edi               /* module paddr */
         PUTHEX32_EDI
-        mov $' ', %al
-        PUTC_AL
+        SPACE
         mov 8(%esi), %edi               /* module size */
         PUTHEX32_EDI
-        mov $' ', %al
-        PUTC_AL
+        SPACE
         mov 0(%esi), %esi
         mov (%esi), %edi                /* first 4 bytes of the module */
         PUTHEX32_EDI
@@ -53,21 +50,7 @@ pvh_start:
 4:      mov 48(%ebp), %eax
         test %eax, %eax
         jz 5f
-        mov 4(%esi), %edi
-        PUTHEX32_EDI
-        mov 0(%esi), %edi
-        PUTHEX32_EDI
-        mov $' ', %al
-        PUTC_AL
-        mov 12(%esi), %edi
-        PUTHEX32_EDI
-        mov 8(%esi), %edi
-        PUTHEX32_EDI
-        mov $' ', %al
-        PUTC_AL
-        mov 16(%esi), %edi
-        PUTHEX32_EDI
-        NEWLINE
+        E820_LINE %esi
         add $24, %esi
         decl 48(%ebp)
         jmp 4b

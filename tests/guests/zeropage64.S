@@ -31,21 +31,7 @@ startup_64:
         lea 0x2d0(%r15), %r13           /* e820_table: 20-byte entries addr, size, type */
 3:      test %r14d, %r14d
         jz 4f
-        mov 4(%r13), %edi
-        PUTHEX32_EDI
-        mov 0(%r13), %edi
-        PUTHEX32_EDI
-        mov $' ', %al
-        PUTC_AL
-        mov 12(%r13), %edi
-        PUTHEX32_EDI
-        mov 8(%r13), %edi
-        PUTHEX32_EDI
-        mov $' ', %al
-        PUTC_AL
-        mov 16(%r13), %edi
-        PUTHEX32_EDI
-        NEWLINE
+        E820_LINE %r13
         add $20, %r13
         dec %r14d
         jmp 3b
