@@ -9,7 +9,7 @@ This module does not decide where RAM goes (the builder does) and does not know 
 """
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_right as _bisect
 import mmap
 import struct
 
@@ -80,14 +80,17 @@ class GuestMemory:
 
     def check(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
         """The region holding all of ``[gpa, gpa+size)`` and the offset of ``gpa`` in it."""
+        # No separate test for wrapping past 2^64 is needed: a range that fits in a region ends
+        # at or below the region's end, which is below 2^64.
+        if gpa >= 0 and size >= 0:
+            i = _bisect(self._starts, gpa) - 1
+            if i >= 0:
+                r = self.regions[i]
+                off = gpa - r.gpa
+                if off + size <= r.size and (off < r.size or size == 0):
+                    return r, off
         if gpa < 0 or size < 0 or gpa + size > 1 << 64:
             raise GuestMemoryError(f"guest address {gpa:#x}+{size:#x} is out of range")
-        i = bisect.bisect(self._starts, gpa) - 1
-        if i >= 0:
-            r = self.regions[i]
-            off = gpa - r.gpa
-            if off + size <= r.size and (off < r.size or size == 0):
-                return r, off
         raise GuestMemoryError(f"guest address range {gpa:#x}+{size:#x} is not in guest RAM")
 
     def contains(self, gpa: int, size: int = 1) -> bool:

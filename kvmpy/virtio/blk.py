@@ -95,6 +95,10 @@ class BlkStatus(enum.IntEnum):
     UNSUPP = 2
 
 
+# Plain ints for the per-request comparisons (an IntEnum member lookup costs more than the test).
+_T_IN, _T_OUT = int(RequestType.IN), int(RequestType.OUT)
+_S_OK, _S_IOERR = int(BlkStatus.OK), int(BlkStatus.IOERR)
+
 # fallocate(2) modes (include/uapi/linux/falloc.h); Python's os.posix_fallocate takes none.
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -174,38 +178,36 @@ class VirtioBlk(VirtioDevice):
             return 0
         status_at = chain.write_len - 1
         if chain.read_len < HEADER.size:
-            status, written = BlkStatus.IOERR, 0   # header missing or device-writable
+            status, written = _S_IOERR, 0   # header missing or device-writable
         else:
             rtype, _reserved, sector = HEADER.unpack(chain.read(0, HEADER.size))
             status, written = self._execute(rtype, sector, chain, status_at)
-        if status == BlkStatus.IOERR:
-            self.stats["ioerr"] += 1
-        elif status == BlkStatus.UNSUPP:
-            self.stats["unsupp"] += 1
-        chain.write(status_at, bytes((status,)))
+        if status != _S_OK:
+            self.stats["ioerr" if status == _S_IOERR else "unsupp"] += 1
+        chain.write(status_at, b"%c" % status)
         return written + 1
 
     def _execute(self, rtype: int, sector: int, chain: DescriptorChain,
-                 data_in: int) -> tuple[BlkStatus, int]:
+                 data_in: int) -> tuple[int, int]:
         """Run one request; returns (status, bytes of data written to the guest)."""
         if self.fd < 0:
-            return BlkStatus.IOERR, 0
+            return _S_IOERR, 0
         data_out = chain.read_len - HEADER.size   # device-readable bytes after the header
         try:
-            if rtype == RequestType.IN:
+            if rtype == _T_IN:
                 if not self._range_ok(sector, data_in):
-                    return BlkStatus.IOERR, 0
+                    return _S_IOERR, 0
                 self._transfer(chain.writable_views(0, data_in), sector * SECTOR_SIZE, False)
                 self.stats["reads"] += 1
-                return BlkStatus.OK, data_in
-            if rtype == RequestType.OUT:
+                return _S_OK, data_in
+            if rtype == _T_OUT:
                 if self.ro or not self._range_ok(sector, data_out):
-                    return BlkStatus.IOERR, 0
+                    return _S_IOERR, 0
                 views = chain.readable_views(HEADER.size, data_out)
                 self._transfer(views, sector * SECTOR_SIZE, True)
                 self.stats["writes"] += 1
                 self._write_done()
-                return BlkStatus.OK, 0
+                return _S_OK, 0
             if rtype == RequestType.FLUSH:
                 if not self.ro:
                     os.fdatasync(self.fd)   # before the used-ring entry (hostile-inputs 27)
@@ -271,24 +273,43 @@ class VirtioBlk(VirtioDevice):
     def _transfer(self, views: list[memoryview], pos: int, write: bool) -> None:
         """preadv/pwritev ``views`` at file offset ``pos``, IOV_MAX at a time, until done."""
         try:
-            i = 0
-            while i < len(views):
-                batch = views[i:i + IOV_MAX]
-                n = os.pwritev(self.fd, batch, pos) if write else os.preadv(self.fd, batch, pos)
-                if n <= 0:   # end of file: the image shrank under us
+            total = sum(map(len, views))
+            if total == 0:
+                return
+            if len(views) <= IOV_MAX:   # the usual case: one system call does it all
+                n = os.pwritev(self.fd, views, pos) if write else os.preadv(self.fd, views, pos)
+                if n == total:
+                    return
+                if n <= 0:
                     raise OSError(errno.EIO, "short transfer")
-                pos += n
-                while n:     # step over what was done; a partly done view is sliced
-                    v = views[i]
-                    if n >= len(v):
-                        n -= len(v)
-                        i += 1
-                    else:
-                        views[i] = v[n:]
-                        n = 0
+                self._transfer_rest(views, pos, n, write)
+            else:
+                self._transfer_rest(views, pos, 0, write)
         finally:
             for v in views:
                 v.release()
+
+    def _transfer_rest(self, views: list[memoryview], pos: int, n: int, write: bool) -> None:
+        """Go on after ``n`` bytes of ``views`` were transferred (a short transfer, or more than
+        IOV_MAX views), until done."""
+        views = list(views)
+        i = 0
+        while True:
+            pos += n
+            while n:     # step over what was done; a partly done view is sliced
+                v = views[i]
+                if n >= len(v):
+                    n -= len(v)
+                    i += 1
+                else:
+                    views[i] = v[n:]
+                    n = 0
+            if i >= len(views):
+                return
+            batch = views[i:i + IOV_MAX]
+            n = os.pwritev(self.fd, batch, pos) if write else os.preadv(self.fd, batch, pos)
+            if n <= 0:   # end of file: the image shrank under us
+                raise OSError(errno.EIO, "short transfer")
 
 
 def _open_image(path: str, ro: bool) -> int:

@@ -50,6 +50,7 @@ from kvmpy.errors import GuestMemoryError
 DESC = struct.Struct("<QIHH")
 # struct virtq_used_elem { le32 id; le32 len; } (2.7.8)
 USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")      # ring indices, flags and event fields (2.7.6, 2.7.8)
 
 MAX_QUEUE_SIZE = 32768          # 2.7: "Queue Size ... The maximum Queue Size value is 32768"
 MAX_INDIRECT_ENTRIES = 65535    # an indirect table is indexed by the 16-bit `next` (2.7.5.3)
@@ -100,67 +101,113 @@ class DescriptorChain:
 
     Offsets in :meth:`read`, :meth:`write` and the ``*_views`` methods count bytes across the
     readable (resp. writable) segments as if they were one buffer: a device must not assume how
-    the driver split a request into descriptors (2.7.4, "Message Framing")."""
+    the driver split a request into descriptors (2.7.4, "Message Framing").
 
-    __slots__ = ("head", "readable", "writable", "read_len", "write_len", "memory")
+    Each buffer was located in guest RAM by :meth:`GuestMemory.check` once, when the chain was
+    walked; the chain keeps what that check returned (the region's mapping and the offset in it),
+    so the request's reads and writes go straight to the mapping without being located again."""
 
-    def __init__(self, head: int, readable: list[Segment], writable: list[Segment], memory):
+    __slots__ = ("head", "_rd", "_wr", "read_len", "write_len")
+
+    def __init__(self, head: int, readable: list[tuple], writable: list[tuple],
+                 read_len: int, write_len: int):
+        # Each segment: (guest address, length, mapping, offset of the address in the mapping).
         self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.read_len = sum(s.len for s in readable)
-        self.write_len = sum(s.len for s in writable)
-        self.memory = memory
+        self._rd = readable
+        self._wr = writable
+        self.read_len = read_len
+        self.write_len = write_len
 
     def __repr__(self) -> str:
         return (f"<DescriptorChain head={self.head} readable={self.read_len} "
                 f"writable={self.write_len}>")
 
+    @property
+    def readable(self) -> list[Segment]:
+        """The device-readable buffers as guest ``(addr, len)`` segments."""
+        return [Segment(a, n) for a, n, _, _ in self._rd]
+
+    @property
+    def writable(self) -> list[Segment]:
+        """The device-writable buffers as guest ``(addr, len)`` segments."""
+        return [Segment(a, n) for a, n, _, _ in self._wr]
+
     def read(self, offset: int = 0, size: int | None = None) -> bytes:
         """``size`` bytes (default: all) of the readable part from ``offset``; fewer if shorter."""
         if size is None:
             size = self.read_len - offset
-        return b"".join(self.memory.read(a, n)
-                        for a, n in _pieces(self.readable, offset, size))
+        if self._rd and 0 <= offset and 0 < size and offset + size <= self._rd[0][1]:
+            _, _, m, o = self._rd[0]     # the usual case: all in the first segment
+            return m[o + offset:o + offset + size]
+        pieces = _pieces(self._rd, offset, size)
+        if len(pieces) == 1:
+            m, o, n = pieces[0]
+            return m[o:o + n]
+        return b"".join([m[o:o + n] for m, o, n in pieces])
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Copy ``data`` into the writable part at ``offset``; returns the bytes that fit."""
+        if self._wr:                     # the usual case: all in the last segment (a status)
+            _, n, m, o = self._wr[-1]
+            start = offset - (self.write_len - n)
+            if 0 <= start and start + len(data) <= n:
+                m[o + start:o + start + len(data)] = data
+                return len(data)
+        pieces = _pieces(self._wr, offset, len(data))
+        if len(pieces) == 1:
+            m, o, n = pieces[0]
+            m[o:o + n] = data if n == len(data) else memoryview(data)[:n]
+            return n
         done = 0
         mv = memoryview(data)
-        for a, n in _pieces(self.writable, offset, len(data)):
-            self.memory.write(a, mv[done:done + n])
+        for m, o, n in pieces:
+            m[o:o + n] = mv[done:done + n]
             done += n
         return done
 
     def readable_views(self, offset: int, size: int) -> list[memoryview]:
         """Zero-copy views of the readable part (for pwritev). Release them when done."""
-        return [self.memory.view(a, n) for a, n in _pieces(self.readable, offset, size)]
+        return [memoryview(m)[o:o + n] for m, o, n in _pieces(self._rd, offset, size)]
 
     def writable_views(self, offset: int, size: int) -> list[memoryview]:
         """Zero-copy views of the writable part (for preadv). Release them when done."""
-        return [self.memory.view(a, n) for a, n in _pieces(self.writable, offset, size)]
+        return [memoryview(m)[o:o + n] for m, o, n in _pieces(self._wr, offset, size)]
 
 
-def _pieces(segments: list[Segment], offset: int, size: int):
-    """(addr, n) pieces covering ``size`` bytes from ``offset`` across ``segments``."""
+def _pieces(segments: list[tuple], offset: int, size: int) -> list[tuple]:
+    """(mapping, offset in it, n) pieces covering ``size`` bytes from ``offset`` across
+    ``segments``, fewer bytes if they end first."""
+    pieces = []
     if offset < 0 or size <= 0:
-        return
-    for addr, length in segments:
+        return pieces
+    for _, length, m, o in segments:
         if offset >= length:
             offset -= length
             continue
-        n = min(length - offset, size)
-        yield addr + offset, n
+        n = length - offset
+        if n > size:
+            n = size
+        pieces.append((m, o + offset, n))
         size -= n
         if size == 0:
-            return
+            break
         offset = 0
+    return pieces
 
 
 class Queue:
     """One split virtqueue. The transport writes ``size`` and the three ring addresses while the
     driver configures it; :meth:`activate` validates them. The device layer calls :meth:`pop`,
-    :meth:`add_used` and :meth:`needs_interrupt`, always under its own lock."""
+    :meth:`add_used` and :meth:`needs_interrupt`, always under its own lock.
+
+    :meth:`activate` locates each ring part in guest RAM once (GuestMemory.check: the whole part
+    inside one region) and keeps the region's mapping and the part's offset in it; ring entries
+    are then read and written at offsets that the index arithmetic keeps inside those checked
+    parts. Guest RAM is never remapped while a VM lives, so the location stays valid."""
+
+    #: reads one descriptor: ``(addr, len, flags, next)`` from (mapping, offset); tests wrap it
+    #: to see every descriptor read
+    _unpack_desc = staticmethod(DESC.unpack_from)
 
     def __init__(self, memory, index: int, max_size: int):
         if not (0 < max_size <= MAX_QUEUE_SIZE) or max_size & (max_size - 1):
@@ -185,6 +232,7 @@ class Queue:
 
     def _clear_ring_state(self) -> None:
         self.last_avail = 0          # free-running 16-bit index of the next avail entry to take
+        self._avail_seen = 0         # avail.idx as last read (entries up to it are validated)
         self.used_idx = 0            # free-running 16-bit used.idx the device publishes
         self._in_flight = bytearray(self.size)   # 1 where a head is in flight
         self.in_flight = 0
@@ -205,17 +253,34 @@ class Queue:
         parts = (("descriptor table", self.desc_addr, DESC_ALIGN, 16 * size),
                  ("available ring", self.avail_addr, AVAIL_ALIGN, 6 + 2 * size),
                  ("used ring", self.used_addr, USED_ALIGN, 6 + 8 * size))
+        located = []
         for what, addr, align, length in parts:
             if addr % align:
                 raise QueueError(f"{what} at {addr:#x} is not {align}-byte aligned")
-            if not self.memory.contains(addr, length):
-                raise QueueError(f"{what} at {addr:#x}+{length:#x} is not in guest RAM")
+            try:
+                region, offset = self.memory.check(addr, length)
+            except GuestMemoryError:
+                raise QueueError(f"{what} at {addr:#x}+{length:#x} is not in guest RAM") from None
+            located.append((region.mapping, offset))
+        (self._desc_map, self._desc_off), (self._avail_map, self._avail_off), \
+            (self._used_map, self._used_off) = located
         self.event_idx = bool(event_idx)
         self.indirect = bool(indirect)
         self._clear_ring_state()
         self.ready = True
 
     # -- available ring ------------------------------------------------------------------------
+    def _read_avail_idx(self) -> int:
+        """avail.idx, checked: at most ``size`` entries ahead of what the device consumed."""
+        # struct virtq_avail { le16 flags; le16 idx; le16 ring[size]; le16 used_event; }
+        avail_idx = _U16.unpack_from(self._avail_map, self._avail_off + 2)[0]
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if pending > self.size:
+            raise QueueError(f"avail.idx {avail_idx} is {pending} entries ahead of the "
+                             f"device ({self.last_avail}); the queue has only {self.size}")
+        self._avail_seen = avail_idx
+        return avail_idx
+
     def pop(self) -> DescriptorChain | None:
         """The next request the driver made available, validated; None if there is none.
 
@@ -223,46 +288,39 @@ class Queue:
         an unknown state: the device must be reset)."""
         if not self.ready:   # virtio-mmio 4.2.2.1: no ring access while QueueReady is 0
             return None
-        mem = self.memory
-        try:
-            # struct virtq_avail { le16 flags; le16 idx; le16 ring[size]; le16 used_event; }
-            avail_idx = mem.read_u16(self.avail_addr + 2)
-            if avail_idx == self.last_avail:
-                if not self.event_idx:
-                    return None
-                # 2.7.10: ask for a notification when the driver goes past what we consumed,
-                # then look again: a buffer made available meanwhile would not be notified.
-                mem.write_u16(self.used_addr + 4 + 8 * self.size, self.last_avail)  # avail_event
-                full_barrier()
-                avail_idx = mem.read_u16(self.avail_addr + 2)
-                if avail_idx == self.last_avail:
-                    return None
-            pending = (avail_idx - self.last_avail) & 0xFFFF
-            if pending > self.size:
-                raise QueueError(f"avail.idx {avail_idx} is {pending} entries ahead of the "
-                                 f"device ({self.last_avail}); the queue has only {self.size}")
-            head = mem.read_u16(self.avail_addr + 4 + 2 * (self.last_avail % self.size))
-            if head >= self.size:
-                raise QueueError(f"available head {head} is not below the queue size {self.size}")
-            if self._in_flight[head]:
-                raise QueueError(f"head {head} was made available again while still in flight")
-            chain = self._walk(head)
-        except GuestMemoryError as e:   # activation checked the rings; a buffer failed the check
-            raise QueueError(str(e)) from None
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        last = self.last_avail
+        # avail.idx is read again only once the entries it announced are used up: one read
+        # per batch instead of one per request.
+        if self._avail_seen == last and self._read_avail_idx() == last:
+            if not self.event_idx:
+                return None
+            # 2.7.10: ask for a notification when the driver goes past what we consumed,
+            # then look again: a buffer made available meanwhile would not be notified.
+            _U16.pack_into(self._used_map, self._used_off + 4 + 8 * self.size, last)  # avail_event
+            full_barrier()
+            if self._read_avail_idx() == last:
+                return None
+        head = _U16.unpack_from(self._avail_map, self._avail_off + 4 + 2 * (last % self.size))[0]
+        if head >= self.size:
+            raise QueueError(f"available head {head} is not below the queue size {self.size}")
+        if self._in_flight[head]:
+            raise QueueError(f"head {head} was made available again while still in flight")
+        chain = self._walk(head)
+        self.last_avail = (last + 1) & 0xFFFF
         self._in_flight[head] = 1
         self.in_flight += 1
         return chain
 
     def _walk(self, head: int) -> DescriptorChain:
-        mem = self.memory
-        table, table_len = self.desc_addr, self.size
+        check = self.memory.check
+        unpack_desc = self._unpack_desc
+        table, table_off, table_len = self._desc_map, self._desc_off, self.size
         index = head
         ttl = table_len                 # descriptors this table may still contribute
         in_indirect = False
-        readable: list[Segment] = []
-        writable: list[Segment] = []
-        total = 0
+        readable: list[tuple] = []
+        writable: list[tuple] = []
+        read_len = write_len = 0
         while True:
             if index >= table_len:
                 where = "indirect table" if in_indirect else "descriptor table"
@@ -274,7 +332,7 @@ class Queue:
                                  f"({table_len} entries): a loop")
             ttl -= 1
             # The one read of this descriptor: everything below uses this local copy.
-            addr, length, flags, nxt = mem.read_struct(table + DESC.size * index, DESC)
+            addr, length, flags, nxt = unpack_desc(table, table_off + 16 * index)
             if flags & _F_INDIRECT:
                 if not self.indirect:
                     raise QueueError("VIRTQ_DESC_F_INDIRECT used but VIRTIO_F_INDIRECT_DESC was "
@@ -290,44 +348,50 @@ class Queue:
                 if entries > MAX_INDIRECT_ENTRIES:
                     raise QueueError(f"indirect table of {entries} entries (at most "
                                      f"{MAX_INDIRECT_ENTRIES})")
-                if not mem.contains(addr, length):
+                try:
+                    region, table_off = check(addr, length)
+                except GuestMemoryError:
                     raise QueueError(f"indirect table at {addr:#x}+{length:#x} is not in "
-                                     "guest RAM")
+                                     "guest RAM") from None
                 # 2.7.5.3.2: the device ignores WRITE on the descriptor naming the table.
-                table, table_len, ttl, index, in_indirect = addr, entries, entries, 0, True
+                table, table_len, ttl, index, in_indirect = region.mapping, entries, entries, 0, True
                 continue
+            try:
+                region, offset = check(addr, length)
+            except GuestMemoryError:
+                raise QueueError(f"buffer {addr:#x}+{length:#x} is not in guest RAM") from None
             if flags & _F_WRITE:
+                write_len += length
                 if length:
-                    writable.append(Segment(addr, length))
+                    writable.append((addr, length, region.mapping, offset))
             else:
                 if writable:
                     raise QueueError(f"device-readable descriptor after a device-writable one "
                                      f"in the chain from head {head}")
+                read_len += length
                 if length:
-                    readable.append(Segment(addr, length))
-            total += length
-            if total >= CHAIN_LENGTH_LIMIT:
-                raise QueueError(f"descriptor chain from head {head} holds 2^32 bytes or more")
-            if not mem.contains(addr, length):
-                raise QueueError(f"buffer {addr:#x}+{length:#x} is not in guest RAM")
+                    readable.append((addr, length, region.mapping, offset))
             if not flags & _F_NEXT:
                 break
             index = nxt
-        return DescriptorChain(head, readable, writable, mem)
+        # Checked once at the end: at most 32768 + 65535 lengths below 2^32 each, so the Python
+        # ints cannot grow without bound before it.
+        if read_len + write_len >= CHAIN_LENGTH_LIMIT:
+            raise QueueError(f"descriptor chain from head {head} holds 2^32 bytes or more")
+        return DescriptorChain(head, readable, writable, read_len, write_len)
 
     # -- used ring -----------------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
         """Return request ``head`` to the driver, saying ``written`` bytes were written to it."""
         if not (0 <= head < len(self._in_flight)) or not self._in_flight[head]:
             raise QueueError(f"device completed head {head}, which is not in flight")
-        mem = self.memory
         # struct virtq_used { le16 flags; le16 idx; struct virtq_used_elem ring[size];
         #                     le16 avail_event; }
-        slot = self.used_idx % self.size
-        mem.write_struct(self.used_addr + 4 + USED_ELEM.size * slot, USED_ELEM, head, written)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        used_map, used_off, used_idx = self._used_map, self._used_off, self.used_idx
+        USED_ELEM.pack_into(used_map, used_off + 4 + 8 * (used_idx % self.size), head, written)
+        self.used_idx = used_idx = (used_idx + 1) & 0xFFFF
         # 2.7.8.1: the element is written before idx makes it visible (x86 keeps store order).
-        mem.write_u16(self.used_addr + 2, self.used_idx)
+        _U16.pack_into(used_map, used_off + 2, used_idx)
         self._in_flight[head] = 0
         self.in_flight -= 1
         self._added = True
@@ -342,14 +406,14 @@ class Queue:
         # The driver stores used_event/flags and then loads used.idx; we stored used.idx and now
         # load its field: without the barrier both could miss the other's store.
         full_barrier()
-        mem = self.memory
         if self.event_idx:
-            used_event = mem.read_u16(self.avail_addr + 4 + 2 * self.size)
+            used_event = _U16.unpack_from(self._avail_map, self._avail_off + 4 + 2 * self.size)[0]
             new, old = self.used_idx, self._signalled_used
             valid = self._signalled_valid
             self._signalled_used, self._signalled_valid = new, True
             return not valid or vring_need_event(used_event, new, old)
-        return not mem.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        flags = _U16.unpack_from(self._avail_map, self._avail_off)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
