@@ -16,9 +16,10 @@ virtio-pci devices will plug into :class:`PciBus` the same way the host bridge d
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 
-from kvmpy.vmexit.bus import BusDevice
+from kvmpy.vmexit.bus import BusDevice, BusOverlapError
 
 CONFIG_ADDRESS_ENABLE = 1 << 31
 # Type 0 header offsets (PCI 3.0, figure 6-1)
@@ -35,6 +36,7 @@ CAP_START = 0x40                  # capabilities live after the 64-byte header
 # prefetchable.
 BAR_MEM64 = 0x4
 BAR_PREFETCH = 0x8
+CMD_MEMORY = 1 << 1               # COMMAND bit 1, Memory Space (PCI 3.0, 6.2.2): BARs decode
 
 
 class Bar:
@@ -138,6 +140,107 @@ class PciFunction:
                 end = reg + (8 if bar.mem64 else 4)
                 if offset < end and offset + size > reg:
                     self._bar_changed(bar)
+
+
+class BarWindow(BusDevice):
+    """A function's memory BAR as a window on the MMIO bus; the function moves it."""
+
+    def __init__(self, function: "MmioBarFunction", size: int):
+        self.function, self.window, self.name = function, size, function.name
+
+    def read(self, offset: int, size: int) -> int:
+        return self.function.bar_read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.function.bar_write(offset, size, value)
+
+    def register_name(self, offset: int, is_write: bool) -> str | None:
+        return self.function.bar_register_name(offset)
+
+
+class MmioBarFunction(PciFunction):
+    """A function with one memory BAR that decodes onto the MMIO bus ``mmio``.
+
+    The window (``region``) is on the bus while the guest has Memory Space enabled in COMMAND
+    and the BAR holds an address; it is removed when the guest turns decoding off or moves the
+    BAR (BAR sizing writes all-ones), and put back at the new address. A BAR that would overlap
+    another window is left undecoded and reported once. Subclasses implement
+    :meth:`bar_read` / :meth:`bar_write` (offsets into the BAR) and may override
+    :meth:`on_map` / :meth:`on_unmap`."""
+
+    def init_bar(self, index: int, size: int, mem64: bool, mmio) -> None:
+        """Declare the BAR (call once from ``__init__``, after setting ``name``)."""
+        self.mmio = mmio
+        self.mapped_at: int | None = None
+        self._mapping = None
+        self.ignored = 0                 # guest accesses dropped (subclasses count theirs too)
+        self._reported: set[str] = set()
+        self.bar = self.add_bar(index, size, mem64, on_move=self._bar_moved)
+        self.region = BarWindow(self, size)
+
+    def place(self, address: int) -> None:
+        """Put the BAR at ``address`` and enable memory decoding, as firmware does before the OS
+        starts; the window appears on the MMIO bus."""
+        self.set_bar_address(self.bar.index, address)
+        self.config_write(COMMAND, 2, self.config_read(COMMAND, 2) | CMD_MEMORY)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        super().config_write(offset, size, value)
+        if offset < COMMAND + 2 and COMMAND < offset + size:
+            self._update_mapping()
+
+    def _bar_moved(self, bar: Bar, old: int, new: int) -> None:
+        self._update_mapping()
+
+    def _update_mapping(self) -> None:
+        addr, size = self.bar.address, self.bar.size
+        decodes = self.config_read(COMMAND, 2) & CMD_MEMORY
+        want = addr if decodes and addr and addr + size <= 1 << 64 else None
+        if want == self.mapped_at:
+            return
+        self.unmap()
+        if want is None:
+            return
+        if self.mmio is not None:
+            try:
+                self._mapping = self.mmio.insert(self.region, want, self.name)
+            except BusOverlapError as e:
+                self._report("overlap", f"BAR {self.bar.index} at {want:#x} is not decoded: {e}")
+                return
+        self.mapped_at = want
+        self.on_map(want)
+
+    def unmap(self) -> None:
+        """Take the window off the bus (also what closing the function does)."""
+        if self.mapped_at is None:
+            return
+        self.on_unmap()
+        if self._mapping is not None:
+            self.mmio.remove(self._mapping)
+            self._mapping = None
+        self.mapped_at = None
+
+    def on_map(self, base: int) -> None:
+        """The BAR now decodes at ``base``."""
+
+    def on_unmap(self) -> None:
+        """The BAR is about to stop decoding."""
+
+    def bar_read(self, offset: int, size: int) -> int:
+        raise NotImplementedError
+
+    def bar_write(self, offset: int, size: int, value: int) -> None:
+        raise NotImplementedError
+
+    def bar_register_name(self, offset: int) -> str | None:
+        return None
+
+    def _report(self, kind: str, message: str) -> None:
+        """Count a dropped or refused guest action; say it on stderr once per kind."""
+        self.ignored += 1
+        if kind not in self._reported:
+            self._reported.add(kind)
+            print(f"kvmpy: {self.name}: {message}", file=sys.stderr)
 
 
 class HostBridge(PciFunction):

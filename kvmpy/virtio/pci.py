@@ -62,17 +62,15 @@ import enum
 import functools
 import os
 import struct
-import sys
 import threading
 from collections.abc import Callable
 
-from kvmpy.devices.pci import (COMMAND, INTERRUPT_LINE, INTERRUPT_PIN, STATUS, SUBSYS_VENDOR,
-                               PciFunction)
+from kvmpy.devices.pci import (COMMAND, INTERRUPT_LINE, INTERRUPT_PIN, STATUS,
+                               SUBSYS_VENDOR, MmioBarFunction)
 from kvmpy.errors import KvmpyError
 from kvmpy.virtio.transport import QueueKicker
 from kvmpy.virtio.device import DeviceType, Interrupt, Status, VirtioDevice
 from kvmpy.virtio.msix import MSIX_CAP_ID, Msix
-from kvmpy.vmexit.bus import BusDevice, BusOverlapError
 
 VENDOR_ID = 0x1AF4              # 4.1.2: Red Hat, Inc.
 DEVICE_ID_BASE = 0x1040         # 4.1.2: 0x1040 + virtio device ID (non-transitional)
@@ -86,7 +84,6 @@ CLASS_CODES = {DeviceType.BLOCK: (0x01, 0x00), DeviceType.NET: (0x02, 0x00)}
 OTHER_CLASS = (0xFF, 0x00)
 
 # PCI 3.0 6.2.2 / 6.2.3
-CMD_MEMORY = 1 << 1             # COMMAND: Memory Space enable (the BAR decodes)
 CMD_INTX_DISABLE = 1 << 10      # COMMAND: Interrupt Disable
 STATUS_INTERRUPT = 1 << 3       # STATUS: Interrupt Status (INTx pending)
 
@@ -159,26 +156,7 @@ def _overlaps(offset: int, size: int, start: int, length: int) -> bool:
     return offset < start + length and start < offset + size
 
 
-class VirtioPciBar(BusDevice):
-    """BAR 0 of a :class:`VirtioPci` as a window on the MMIO bus (the function moves it)."""
-
-    window = BAR_SIZE
-
-    def __init__(self, function: "VirtioPci"):
-        self.function = function
-        self.name = function.name
-
-    def read(self, offset: int, size: int) -> int:
-        return self.function.bar_read(offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.function.bar_write(offset, size, value)
-
-    def register_name(self, offset: int, is_write: bool) -> str | None:
-        return self.function.bar_register_name(offset)
-
-
-class VirtioPci(PciFunction, QueueKicker):
+class VirtioPci(MmioBarFunction, QueueKicker):
     """One virtio device as a PCI function. It owns ``device`` (closing closes it).
 
     ``vm``: a :class:`kvmpy.vm.Vm` (or None in tests). With an in-kernel irqchip, MSI-X goes
@@ -204,13 +182,7 @@ class VirtioPci(PciFunction, QueueKicker):
         struct.pack_into("<HH", self.config, SUBSYS_VENDOR, VENDOR_ID, pci_id)
         self.config[INTERRUPT_PIN] = 1                   # INTA#
         self.wmask[INTERRUPT_LINE] = 0xFF                # a scratch register for the OS
-        self.ignored = 0                                 # register accesses dropped
-        self._reported: set[str] = set()
-
-        self.bar = self.add_bar(BAR_INDEX, BAR_SIZE, mem64=True, on_move=self._bar_moved)
-        self.region = VirtioPciBar(self)
-        self.mapped_at: int | None = None
-        self._mapping = None
+        self.init_bar(BAR_INDEX, BAR_SIZE, mem64=True, mmio=mmio)
 
         # Capabilities, in the order Linux looks for them (the first of each type wins).
         self._add_virtio_cap(CfgType.COMMON, COMMON_CFG, COMMON_CFG_LEN)
@@ -263,46 +235,15 @@ class VirtioPci(PciFunction, QueueKicker):
         return self.add_capability(PCI_CAP_ID_VNDR, body, writable)
 
     # -- placement (what firmware would do) ----------------------------------------------------
-    def place(self, address: int) -> None:
-        """Put BAR 0 at ``address`` and enable memory decoding, as firmware does before the OS
-        starts; the window appears on the MMIO bus."""
-        self.set_bar_address(BAR_INDEX, address)
-        cmd = self.config_read(COMMAND, 2)
-        self.config_write(COMMAND, 2, cmd | CMD_MEMORY)
-
     def set_interrupt_line(self, line: int) -> None:
         """What firmware writes in Interrupt Line: the IRQ the INTx pin is wired to."""
         self.config[INTERRUPT_LINE] = line
 
-    def _bar_moved(self, bar, old: int, new: int) -> None:
-        self._update_mapping()
+    def on_map(self, base: int) -> None:
+        self._assign_ioeventfds(base)
 
-    def _update_mapping(self) -> None:
-        addr = self.bar.address
-        decodes = self.config_read(COMMAND, 2) & CMD_MEMORY
-        want = addr if decodes and addr and addr + BAR_SIZE <= 1 << 64 else None
-        if want == self.mapped_at:
-            return
-        self._unmap()
-        if want is None:
-            return
-        if self.mmio is not None:
-            try:
-                self._mapping = self.mmio.insert(self.region, want, self.name)
-            except BusOverlapError as e:
-                self._report("overlap", f"BAR 0 at {want:#x} is not decoded: {e}")
-                return
-        self.mapped_at = want
-        self._assign_ioeventfds(want)
-
-    def _unmap(self) -> None:
-        if self.mapped_at is None:
-            return
+    def on_unmap(self) -> None:
         self._deassign_ioeventfds()
-        if self._mapping is not None:
-            self.mmio.remove(self._mapping)
-            self._mapping = None
-        self.mapped_at = None
 
     def notify_address(self, index: int) -> int:
         """Offset in BAR 0 of queue ``index``'s notify register."""
@@ -338,9 +279,8 @@ class VirtioPci(PciFunction, QueueKicker):
         return super().config_read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
-        super().config_write(offset, size, value)
+        super().config_write(offset, size, value)   # COMMAND's Memory Space bit maps BAR 0
         if _overlaps(offset, size, COMMAND, 2):
-            self._update_mapping()
             self._update_intx()
         if _overlaps(offset, size, self.msix_cap + 2, 2):
             self.msix.set_control(super().config_read(self.msix_cap + 2, 2))
@@ -619,17 +559,11 @@ class VirtioPci(PciFunction, QueueKicker):
                     self._irq(level)
 
     # -- lifetime ------------------------------------------------------------------------------
-    def _report(self, kind: str, message: str) -> None:
-        self.ignored += 1
-        if kind not in self._reported:
-            self._reported.add(kind)
-            print(f"kvmpy: {self.name}: {message}", file=sys.stderr)
-
     def _close_transport(self) -> None:
         if getattr(self, "_eventfds", None) is None:
             self._eventfds = []
             self._ioeventfds = []
-        self._unmap()
+        self.unmap()
         fds, self._eventfds = self._eventfds, []
         for fd in fds:
             self.iothread.remove_reader(fd)
