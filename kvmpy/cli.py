@@ -21,6 +21,7 @@ exit status (run, demo):
                  RIP, CPU mode and instruction bytes on stderr
   8              KVM could not enter the guest, or an exit kvmpy does not handle
   10             an internal kvmpy error (a bug: please report it)
+  12             the guest kernel panicked and said so through pvpanic (boot)
   124            --timeout elapsed
   130            interrupted (Ctrl-C)
 """
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter, epilog=EXIT_STATUS_HELP,
                        description="Boot a kernel with kvmpy as the boot loader: COM1 (ttyS0) is "
                        "the console on this terminal (Ctrl-A x quits), the guest's reboot or "
-                       "poweroff ends the VM with status 0.")
+                       "poweroff ends the VM with status 0, a kernel panic (reported through "
+                       "the pvpanic-pci device) with status 12.")
     b.add_argument("--kernel", required=True, metavar="FILE",
                    help="bzImage, vmlinux ELF (PVH entry) or multiboot kernel")
     b.add_argument("--initrd", metavar="FILE", help="initial ramdisk")

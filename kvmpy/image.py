@@ -59,9 +59,10 @@ from kvmpy.linux import DEFAULT_CMDLINE  # noqa: E402  (one definition, explaine
 #: Debian's kernel is built without VIRTIO_MMIO_CMDLINE_DEVICES: it finds virtio-mmio devices
 #: only through ACPI (LNRO0005) or a device tree, never "virtio_mmio.device=" on the command line.
 #: crc32c_generic backs the "crc32c" hash that jbd2 and ext4 request through a softdep, which
-#: only modprobe would resolve (the alias "crypto-crc32c").
+#: only modprobe would resolve (the alias "crypto-crc32c"). pvpanic_pci drives kvmpy's pvpanic
+#: device, so that a kernel panic ends the VM with its own status.
 MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console",
-           "virtio_rng", "crc32c_generic", "ext4")
+           "virtio_rng", "crc32c_generic", "ext4", "pvpanic_pci")
 
 #: busybox applets linked in /bin: a shell session, module loading, networking, disks.
 APPLETS = (

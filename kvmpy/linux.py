@@ -45,11 +45,13 @@ LAPIC_ADDR = 0xFEE0_0000
 DEFAULT_MEM = 512 * MIB
 MIN_LINUX_MEM = 32 * MIB
 # console=ttyS0: COM1; reboot=k: reset through the i8042 (kvmpy's reset, status 0; x86 would try
-# ACPI first); panic=-1: a panic reboots at once instead of spinning; i8042.noaux: no mouse
+# ACPI first); panic=-1: a panic reboots at once instead of spinning (once the pvpanic-pci
+# module is loaded, the panic ends the VM with status 12 before that); i8042.noaux: no mouse
 # port; 8250.nr_uarts=1: one UART, so no probes of COM2-4.
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 i8042.noaux 8250.nr_uarts=1"
 BOOT_TIMER_PORT = 0x3F0
 BOOT_TIMER_MMIO = 0xC000_0000
+PVPANIC_BAR = 0xC000_1000       # the page after the boot timer's, below virtio-mmio's 0xD0000000
 
 # Linux boot protocol: the 64-bit entry is 0x200 past the protected-mode kernel's start
 # (Documentation/arch/x86/boot.rst, "64-bit boot protocol").
@@ -112,6 +114,7 @@ def build_linux(cfg: LinuxConfig) -> Machine:
             if extra:   # virtio-mmio devices are announced on the command line
                 cfg = copy.copy(cfg)
                 cfg.cmdline = " ".join([cfg.cmdline, *extra])
+        add_panic_device(m)   # after virtio: their PCI slots stay 1, 2, ... as documented
         plan = BootPlan()
         if kind == "bzimage":
             from kvmpy.loader.bzimage import BzImage
@@ -155,6 +158,21 @@ def add_boot_devices(m: Machine, console_sink) -> None:
     m.boot_timer = timer
     m.add_pio_device(timer, BOOT_TIMER_PORT, "boot-timer")
     m.add_mmio_device(BootTimer(window=PAGE, log=timer._log), BOOT_TIMER_MMIO, "boot-timer-mmio")
+
+
+def add_panic_device(m: Machine) -> None:
+    """pvpanic-pci on the next free PCI slot, its BAR at PVPANIC_BAR: a guest kernel panic ends
+    the VM with ExitStatus.GUEST_PANIC instead of looking like a reboot."""
+    from kvmpy.devices.pvpanic import BAR_SIZE, PvPanic
+
+    panic = PvPanic(mmio=m.mmio)
+    slot = m.ensure_pci().add(panic)
+    panic.place(PVPANIC_BAR)
+    m._stack.callback(panic.unmap)
+    m.devices[panic.name] = panic
+    m.device_map.append(f"pvpanic-pci 00:{slot:02x}.0: BAR0 {PVPANIC_BAR:#x}-"
+                        f"{PVPANIC_BAR + BAR_SIZE - 1:#x} (a guest panic ends the VM, status "
+                        f"12)")
 
 
 def _e820(m: Machine):

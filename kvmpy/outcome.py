@@ -20,6 +20,7 @@ class ExitStatus(enum.IntEnum):
     EMULATION_FAILURE = 6   #: KVM_EXIT_INTERNAL_ERROR: KVM could not run an instruction
     FAIL_ENTRY = 8          #: KVM_EXIT_FAIL_ENTRY or another exit kvmpy cannot continue from
     VMM_ERROR = 10          #: an error inside kvmpy while the guest ran (a bug: please report)
+    GUEST_PANIC = 12        #: the guest kernel reported a panic through pvpanic
     TIMEOUT = 124           #: --timeout elapsed (as timeout(1))
     INTERRUPTED = 130       #: stopped by SIGINT / Ctrl-C (128 + SIGINT)
 
@@ -36,6 +37,7 @@ class StopReason(enum.Enum):
     STOPPED = "stopped"
     INTERRUPTED = "interrupted"
     VMM_ERROR = "vmm-error"
+    GUEST_PANIC = "guest-panic"
 
 
 class Outcome(collections.namedtuple("Outcome", "reason status detail report",

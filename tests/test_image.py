@@ -273,7 +273,7 @@ def test_guest_modules_closure_decompressed_and_loaded_in_order(guest_tree, kern
     builtin = image.builtin_modules(kernel.modules)
     wanted = {"virtio", "virtio_ring", "virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net",
               "net_failover", "failover", "virtio_console", "virtio_rng", "rng_core", "ext4",
-              "crc16", "mbcache", "jbd2", "crc32c_generic"}
+              "crc16", "mbcache", "jbd2", "crc32c_generic", "pvpanic_pci", "pvpanic"}
     optional = {"virtio_pci_modern_dev", "virtio_pci_legacy_dev"}
     files = image.scan_modules(kernel.modules)
     expected = {n for n in wanted | optional if n in files and n not in builtin}

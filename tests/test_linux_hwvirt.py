@@ -70,3 +70,15 @@ def test_rtc_and_clock(guest):
         assert abs((guest_time - now).total_seconds()) < 180
         vm.console.sendline("reboot")
         assert vm.wait(60).status == 0
+
+
+def test_kernel_panic_ends_the_vm_with_status_12(guest):
+    # The guest's init loads pvpanic-pci; Linux's panic notifier then writes PVPANIC_PANICKED
+    # before panic=-1 would reboot (which would look like a clean reboot, status 0).
+    with boot(guest) as vm:
+        vm.console.expect(PROMPT, timeout=120)
+        vm.console.sendline("ls /sys/bus/pci/drivers/pvpanic-pci/")
+        vm.console.expect(rb"0000:00:0\w\.0", timeout=10)        # the driver bound the device
+        vm.console.sendline("echo c > /proc/sysrq-trigger")
+        result = vm.wait(60)
+    assert result.status == 12 and result.reason == "guest-panic", vm.console.text()[-2000:]

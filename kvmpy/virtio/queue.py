@@ -354,7 +354,8 @@ class Queue:
                     raise QueueError(f"indirect table at {addr:#x}+{length:#x} is not in "
                                      "guest RAM") from None
                 # 2.7.5.3.2: the device ignores WRITE on the descriptor naming the table.
-                table, table_len, ttl, index, in_indirect = region.mapping, entries, entries, 0, True
+                table, table_len, ttl, index = region.mapping, entries, entries, 0
+                in_indirect = True
                 continue
             try:
                 region, offset = check(addr, length)
