@@ -18,6 +18,7 @@ import collections
 import re
 import threading
 import time
+from collections.abc import Callable
 
 from kvmpy.errors import KvmpyError
 from kvmpy.outcome import ExitStatus, Outcome, StopReason
@@ -35,12 +36,29 @@ class Console:
         self._pos = 0          # expect() searches from here: the end of the previous match
         self._cond = threading.Condition()
         self.uart = None
+        self._pause_rx = None  # pause_on()'s pattern, until the output matches it
+        self._pause_vm: Callable[[], None] | None = None   # set by VM: ask all vCPUs to hold
 
-    # sink for the UART (vCPU thread)
+    # sink for the UART (vCPU thread, inside the exit of the guest's write)
     def _write(self, data: bytes) -> None:
         with self._cond:
             self._buf += data
+            rx = self._pause_rx
+            if rx is not None and rx.search(self._buf, self._pos):
+                self._pause_rx = None
+                # Asked from inside the guest's OUT exit: this vCPU holds before it re-enters
+                # KVM_RUN, so the guest runs no instruction past the write that matched.
+                self._pause_vm()
             self._cond.notify_all()
+
+    def pause_on(self, pattern) -> None:
+        """Pause the VM the moment its output matches ``pattern`` (from where the next expect()
+        searches), before the guest runs another instruction; resume() lets it go on. Arm it
+        before the output can appear: before start(), or while the VM is paused. One match."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        with self._cond:
+            self._pause_rx = re.compile(pattern) if isinstance(pattern, bytes) else pattern
 
     @property
     def output(self) -> bytes:
@@ -165,6 +183,7 @@ class VM:
                 self._trace_file.close()
             raise
         self.console.uart = self._machine.console
+        self.console._pause_vm = lambda: self._machine.pause(wait=False)
         self._started = False
         self._result: ExitResult | None = None
 

@@ -242,8 +242,10 @@ class Machine:
     def vcpu_threads(self):
         return list(self._threads)
 
-    def pause(self, timeout: float = 10.0) -> None:
-        """Stop every vCPU outside KVM_RUN until resume(); returns once all are paused."""
+    def pause(self, timeout: float = 10.0, wait: bool = True) -> None:
+        """Stop every vCPU outside KVM_RUN until resume(); returns once all are paused, or at
+        once with ``wait=False`` (how a vCPU thread asks from inside an exit: it holds when the
+        exit returns, before KVM_RUN)."""
         if getattr(self, "_resume", None) is not None:
             return
         self._resume = resume = threading.Event()
@@ -262,6 +264,8 @@ class Machine:
         live = [t for t in self._threads if t._thread.is_alive()]
         for t in live:
             t.call(holder(t))
+        if not wait:
+            return
         for _ in live:
             if not paused.acquire(timeout=timeout):
                 break

@@ -109,3 +109,29 @@ def test_disks_and_rng_keywords(build_guest, tmp_path):
         assert vm.wait(10).status == 0x21
         names = [m.name for m in vm.machine.mmio.mappings]
     assert names == ["virtio0", "virtio1"]
+
+
+TICKS = """
+        .code16
+        xor %ebp, %ebp
+1:      PUTS "tick"
+        NEWLINE
+        inc %ebp                        /* the first instruction after the line's last OUT */
+        jmp 1b
+"""
+
+
+def test_pause_on_stops_the_guest_at_the_matching_output(build_guest):
+    # Each "tick" line is followed at once by inc %ebp: a pause that came even one instruction
+    # late would show %ebp ahead of the number of lines seen.
+    vm = kvmpy.VM(image=build_guest("ticks", source=TICKS), mode="real", timeout=30)
+    vm.console.pause_on(rb"tick\n")                 # armed before the guest starts
+    with vm:
+        for i in range(20):
+            vm.console.expect(rb"tick\n", timeout=10)
+            assert vm.registers(0)["rbp"] == i        # answered while paused (no deadlock)
+            vm.console.pause_on(rb"tick\n")
+            vm.resume()
+        r = vm.stop()
+    assert r.reason == "stopped"
+    assert vm.console.text().count("tick") >= 20

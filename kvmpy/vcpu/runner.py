@@ -121,14 +121,19 @@ class VcpuThread:
 
     def _run_requests(self, vcpu) -> Outcome | None:
         with self._lock:
-            requests, self._requests = self._requests, []
             if not self._stopping:   # a stop that raced with this keeps its immediate_exit
                 vcpu.run_struct.immediate_exit = 0
-        for fn in requests:
+        # One at a time, taken from the shared list: a request that blocks (a pause holding the
+        # vCPU) serves the ones queued after it by calling this again, including those that
+        # were already waiting when it started.
+        while True:
+            with self._lock:
+                if not self._requests:
+                    return None
+                fn = self._requests.pop(0)
             outcome = fn(vcpu)
             if outcome is not None:
                 return outcome
-        return None
 
     def call(self, fn: Callable) -> None:
         """Run ``fn(vcpu)`` in this vCPU's thread as soon as it is out of KVM_RUN (pause,
