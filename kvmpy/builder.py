@@ -65,6 +65,7 @@ class Machine:
                              f"use at least 1M")
         self._stack = contextlib.ExitStack()
         self._threads = []
+        self._all_set_up: threading.Barrier | None = None   # start(): vCPUs wait here to run
         self._done = threading.Event()
         self._outcome: Outcome | None = None
         self._outcome_lock = threading.Lock()
@@ -205,8 +206,10 @@ class Machine:
     def start(self, setup: Callable, nr_vcpus: int = 1) -> None:
         from kvmpy.vcpu.runner import VcpuThread
 
+        self._all_set_up = threading.Barrier(nr_vcpus) if nr_vcpus > 1 else None
         for i in range(nr_vcpus):
-            t = VcpuThread(self.vm, i, self.dispatcher, setup, self._vcpu_exited)
+            t = VcpuThread(self.vm, i, self.dispatcher, setup, self._vcpu_exited,
+                           self._all_set_up)
             self._threads.append(t)
             t.start()
 
@@ -277,6 +280,8 @@ class Machine:
 
     def _stop_threads(self) -> None:
         self.resume()
+        if self._all_set_up is not None:
+            self._all_set_up.abort()   # vCPUs still waiting for the others to be set up
         for t in self._threads:
             t.stop()
         for t in self._threads:

@@ -165,3 +165,23 @@ def test_fast_boot_decompresses_on_the_host(tmp_path):
     # with the in-kernel irqchip KVM waits for an interrupt), so only the timeout ends it
     p = run_kvmpy("boot", "--kernel", str(tmp_path / "bzImage"), "--timeout", "1")
     assert p.returncode == 124 and p.stdout == b""
+
+
+def test_smp_ap_started_by_the_guest_with_init_sipi(tmp_path):
+    # --cpus 2: the MP table lists both CPUs, the AP waits in the in-kernel LAPIC until the
+    # guest's INIT + STARTUP IPI, then runs real-mode code and sees its own APIC id in CPUID.
+    import subprocess
+
+    src = tmp_path / "smp.S"
+    src.write_text(LIB16 + "\n" + (GUESTS / "smp32.S").read_text())
+    subprocess.run(["as", "--64", "-o", tmp_path / "smp.o", src], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x100000", "-e", "pvh_start",
+                    "-o", tmp_path / "vmlinux", tmp_path / "smp.o"], check=True)
+    p = run_kvmpy("boot", "--kernel", str(tmp_path / "vmlinux"), "--cpus", "2",
+                  "--mem", "64M")
+    assert p.returncode == 0x21, (p.stdout, p.stderr)
+    assert p.stdout.decode().splitlines() == ["mp cpus:00000002 bsp:00000000",
+                                              "bsp apic:00000000", "ap apic:00000001"]
+    one = run_kvmpy("boot", "--kernel", str(tmp_path / "vmlinux"), "--mem", "64M")
+    assert one.returncode == 0x23                                 # --cpus 1: nobody answers
+    assert one.stdout.decode().splitlines()[-1] == "ap:timeout"

@@ -72,8 +72,10 @@ class VcpuThread:
     thread was stopped by :meth:`stop`.
     """
 
-    def __init__(self, vm, vcpu_id: int, dispatcher, setup: Callable, on_exit: Callable):
+    def __init__(self, vm, vcpu_id: int, dispatcher, setup: Callable, on_exit: Callable,
+                 all_set_up: threading.Barrier | None = None):
         self.vm = vm
+        self.all_set_up = all_set_up
         self.vcpu_id = vcpu_id
         self.dispatcher = dispatcher
         self.setup = setup
@@ -99,9 +101,26 @@ class VcpuThread:
                 if self._stopping or self._requests:   # asked for before the vCPU existed
                     vcpu.run_struct.immediate_exit = 1
             try:
-                self.setup(vcpu)
-                outcome = run_loop(vcpu, self.dispatcher, lambda: self._stopping,
-                                   self._run_requests)
+                try:
+                    self.setup(vcpu)
+                except BaseException:
+                    if self.all_set_up is not None:
+                        self.all_set_up.abort()   # the others must not wait for this one
+                    raise
+                if self.all_set_up is not None:
+                    # No vCPU runs before every vCPU exists and is set up: an INIT/SIPI that
+                    # the BSP sends to an AP not yet created (or whose LAPIC its setup is still
+                    # writing) would be lost. QEMU and Firecracker create all vCPUs first too.
+                    try:
+                        self.all_set_up.wait()
+                    except threading.BrokenBarrierError:   # another failed, or a stop
+                        outcome = None
+                    else:
+                        outcome = run_loop(vcpu, self.dispatcher, lambda: self._stopping,
+                                           self._run_requests)
+                else:
+                    outcome = run_loop(vcpu, self.dispatcher, lambda: self._stopping,
+                                       self._run_requests)
             finally:
                 with self._lock:
                     self.vcpu = None
