@@ -8,7 +8,9 @@ runs in that vCPU's own thread: while gdb is in control every vCPU waits in
 
 How the guest comes to stop (all-stop: one vCPU's event stops them all):
 - a hardware breakpoint or single-step (KVM_EXIT_DEBUG, through ``Dispatcher.debug_handler``);
-- a Ctrl-C from gdb (0x03), or a new connection (attach);
+- a Ctrl-C from gdb (0x03), or a new connection (attach) once it sends its first packet (a
+  connection that never sends a valid packet, such as a port probe, neither stops the guest
+  nor ends a ``wait=True`` hold);
 - with ``wait=True``, before the first instruction (``wrap_setup``).
 The vCPU that stops first parks and asks the others to park too (``VcpuThread.call``); the stop
 reply goes out once every live vCPU is parked.
@@ -479,8 +481,9 @@ class GdbStub:
                 break
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conn = conn
+            spoke = True   # unless the session says otherwise: an error leaves the guest free
             try:
-                self._session(conn)
+                spoke = self._session(conn)
             except OSError:
                 pass
             except Exception:
@@ -491,18 +494,28 @@ class GdbStub:
                 self._conn = None
                 self._attached = False
                 conn.close()
-                if not self._killed:
+                if spoke and not self._killed:
                     self._release_all()
         try:
             self._sock.close()
         except OSError:
             pass
 
-    def _session(self, conn: socket.socket) -> None:
+    def _session(self, conn: socket.socket) -> bool:
+        """Serve one connection; True if a debugger spoke on it (then, unless it killed the VM,
+        the guest runs on freely afterwards). A connection that never sends a packet with a
+        valid checksum nor a Ctrl-C (a port probe, an HTTP request) changes nothing: it does not
+        stop a running guest and does not end --gdb-wait."""
         self._ack = True
         self._killed = False
         self._attached = True
-        self._request_stop(b"T02thread:01;", 0)   # gdb expects a stopped target
+        spoke = False
+
+        def begin() -> None:
+            nonlocal spoke
+            if not spoke:
+                spoke = True
+                self._request_stop(b"T02thread:01;", 0)   # gdb expects a stopped target
         buf = bytearray()
         while not self._closing.is_set():
             if self._vm_done():
@@ -511,14 +524,15 @@ class GdbStub:
                     awaiting = self._awaiting_stop
                 if awaiting and not self._killed:
                     self._send(self._exit_reply())
-                return
+                return spoke
             r, _, _ = select.select([conn], [], [], 0.1)
             if not r:
-                self._rekick()
+                if spoke:
+                    self._rekick()
                 continue
             data = conn.recv(65536)
             if not data:
-                return
+                return spoke
             buf += data
             while buf:
                 c = buf[0]
@@ -530,6 +544,7 @@ class GdbStub:
                         self._write(self._last_sent)
                 elif c == 0x03:   # Ctrl-C
                     del buf[0]
+                    begin()
                     self._request_stop(b"T02thread:%02x;" % (self._g_thread + 1), self._g_thread)
                 elif c == 0x24:   # '$'
                     end = buf.find(b"#")
@@ -545,13 +560,15 @@ class GdbStub:
                     if self._ack:
                         self._write(b"+" if good else b"-")
                     if good:
+                        begin()
                         reply = self._handle(_unescape(payload))
                         if reply is not None:
                             self._send(reply)
                         if self._killed or payload[:1] == b"D":
-                            return
+                            return spoke
                 else:
                     del buf[0]   # noise between packets
+        return spoke
 
     def _write(self, data: bytes) -> None:
         conn = self._conn

@@ -618,3 +618,21 @@ def test_real_gdb_fifth_breakpoint_and_detach(machine_factory):
     assert not m._done.is_set()
     m.memory.write(FLAG, b"\x01")
     assert int(m.wait(10).status) == STATUS
+
+
+@needs_kvm
+def test_a_port_probe_does_not_end_the_wait(machine_factory):
+    # A bare connect + close (a port scanner, an IDE checking the port) is not a gdb session:
+    # with --gdb-wait the guest must still be at its first instruction for the real gdb.
+    m, stub = machine_factory(wait=True)
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", stub.port), timeout=5).close()
+        time.sleep(0.1)
+    c = Client(stub.port)
+    try:
+        assert c.send(b"?") == b"T05thread:01;"
+        assert regs_of(c.send(b"g"))["rip"] == LOAD
+        c.send(b"k", reply=False)
+        assert "gdb" in m.wait(10).detail
+    finally:
+        c.close()
