@@ -39,6 +39,17 @@ def build_guest(guest_dir):
     return build
 
 
+def pvh_kernel(name: str, out_dir: Path, text: int = 0x100000) -> Path:
+    """tests/guests/NAME.S (a PVH_ENTRY guest, after lib16.inc) assembled and linked into an ELF
+    kernel whose code starts at ``text``; returns its path in ``out_dir``."""
+    src, obj, elf = out_dir / f"{name}.S", out_dir / f"{name}.o", out_dir / f"{name}.elf"
+    src.write_text(LIB16 + "\n" + (GUESTS / f"{name}.S").read_text())
+    subprocess.run(["as", "--64", "-o", obj, src], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={text:#x}", "-e", "pvh_start", "-o",
+                    elf, obj], check=True)
+    return elf
+
+
 def run_kvmpy(*args: str, timeout: float = 60, input: bytes | None = None,
               env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """Run the kvmpy CLI as a user would (a new process), capturing stdout/stderr as text."""

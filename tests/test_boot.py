@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import GUESTS, LIB16, run_kvmpy
+from conftest import GUESTS, LIB16, pvh_kernel, run_kvmpy
 from synthetic import bzimage, zeropage_kernel
 
 
@@ -97,15 +97,9 @@ def test_boot_errors(zp_kernel, tmp_path):
 
 
 def test_pvh_elf_boot(tmp_path):
-    import subprocess
-
-    src = tmp_path / "pvh.S"
-    src.write_text(LIB16 + "\n" + (GUESTS / "pvh32.S").read_text())
-    subprocess.run(["as", "--64", "-o", tmp_path / "pvh.o", src], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x100000", "-e", "pvh_start",
-                    "-o", tmp_path / "vmlinux", tmp_path / "pvh.o"], check=True)
+    vmlinux = pvh_kernel("pvh32", tmp_path)
     (tmp_path / "initrd").write_bytes(b"\x11\x22\x33\x44" + b"\0" * 100)
-    p = run_kvmpy("boot", "--kernel", str(tmp_path / "vmlinux"), "--initrd",
+    p = run_kvmpy("boot", "--kernel", str(vmlinux), "--initrd",
                   str(tmp_path / "initrd"), "--append", "pvh=yes", "--mem", "128M")
     assert p.returncode == 0x21, p.stderr
     lines = p.stdout.decode().splitlines()
@@ -142,15 +136,10 @@ def test_multiboot_boot(tmp_path, build_guest):
 
 def test_fast_boot_decompresses_on_the_host(tmp_path):
     import gzip
-    import subprocess
 
-    src = tmp_path / "pvh.S"
-    src.write_text(LIB16 + "\n" + (GUESTS / "pvh32.S").read_text())
-    subprocess.run(["as", "--64", "-o", tmp_path / "pvh.o", src], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x1000000", "-e", "pvh_start",
-                    "-o", tmp_path / "vmlinux", tmp_path / "pvh.o"], check=True)
+    vmlinux = pvh_kernel("pvh32", tmp_path, text=0x1000000)
     # a bzImage whose compressed payload is that vmlinux; its own 64-bit code just halts
-    bz = bzimage(b"\xf4" * 0x300, payload=gzip.compress((tmp_path / "vmlinux").read_bytes()))
+    bz = bzimage(b"\xf4" * 0x300, payload=gzip.compress(vmlinux.read_bytes()))
     (tmp_path / "bzImage").write_bytes(bz)
     env = {"KVMPY_CACHE": str(tmp_path / "cache")}
     for expect_cached in (False, True):
@@ -170,18 +159,11 @@ def test_fast_boot_decompresses_on_the_host(tmp_path):
 def test_smp_ap_started_by_the_guest_with_init_sipi(tmp_path):
     # --cpus 2: the MP table lists both CPUs, the AP waits in the in-kernel LAPIC until the
     # guest's INIT + STARTUP IPI, then runs real-mode code and sees its own APIC id in CPUID.
-    import subprocess
-
-    src = tmp_path / "smp.S"
-    src.write_text(LIB16 + "\n" + (GUESTS / "smp32.S").read_text())
-    subprocess.run(["as", "--64", "-o", tmp_path / "smp.o", src], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x100000", "-e", "pvh_start",
-                    "-o", tmp_path / "vmlinux", tmp_path / "smp.o"], check=True)
-    p = run_kvmpy("boot", "--kernel", str(tmp_path / "vmlinux"), "--cpus", "2",
-                  "--mem", "64M")
+    vmlinux = str(pvh_kernel("smp32", tmp_path))
+    p = run_kvmpy("boot", "--kernel", vmlinux, "--cpus", "2", "--mem", "64M")
     assert p.returncode == 0x21, (p.stdout, p.stderr)
     assert p.stdout.decode().splitlines() == ["mp cpus:00000002 bsp:00000000",
                                               "bsp apic:00000000", "ap apic:00000001"]
-    one = run_kvmpy("boot", "--kernel", str(tmp_path / "vmlinux"), "--mem", "64M")
+    one = run_kvmpy("boot", "--kernel", vmlinux, "--mem", "64M")
     assert one.returncode == 0x23                                 # --cpus 1: nobody answers
     assert one.stdout.decode().splitlines()[-1] == "ap:timeout"

@@ -2,8 +2,6 @@
 it on the PCI bus and panics through it under ``kvmpy boot``."""
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from kvmpy.devices.pci import COMMAND, HostBridge, PciBus, PciConfigIo
@@ -12,7 +10,7 @@ from kvmpy.linux import PVPANIC_BAR
 from kvmpy.outcome import ExitStatus, StopReason, VmStop
 from kvmpy.vmexit.bus import MmioBus
 
-from conftest import GUESTS, LIB16, run_kvmpy
+from conftest import pvh_kernel, run_kvmpy
 
 BAR = 0xC000_1000
 
@@ -82,13 +80,7 @@ def test_events(rig, capsys):
 
 @pytest.fixture(scope="module")
 def panic_kernel(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pvpanic")
-    src = d / "pvpanic.S"
-    src.write_text(LIB16 + "\n" + (GUESTS / "pvpanic32.S").read_text())
-    subprocess.run(["as", "--64", "-o", d / "pvpanic.o", src], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x100000", "-e", "pvh_start",
-                    "-o", d / "vmlinux", d / "pvpanic.o"], check=True)
-    return str(d / "vmlinux")
+    return str(pvh_kernel("pvpanic32", tmp_path_factory.mktemp("pvpanic")))
 
 
 def test_guest_panic_ends_kvmpy_boot_with_status_12(panic_kernel):

@@ -2,15 +2,7 @@
  * pvh_start, entered in 32-bit protected mode, paging off, with %ebx = hvm_start_info
  * (xen/include/public/arch-x86/hvm/start_info.h). Prints magic, cmdline, the first module and
  * the memory map. */
-        .section .note.Xen, "a"
-        .balign 4
-        .long 4, 4, 18                  /* namesz, descsz, type */
-        .asciz "Xen"
-        .long pvh_start
-        .text
-        .code32
-        .globl pvh_start
-pvh_start:
+        PVH_ENTRY
         mov %ebx, %ebp
         PUTS "magic:"
         mov 0(%ebp), %edi

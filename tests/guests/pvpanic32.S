@@ -4,15 +4,7 @@
  * kernel command line's first character ('1' PANICKED, '2' CRASH_LOADED) and, if the VM still
  * runs, say so and exit through isa-debug-exit with 0x11. Prints "no pvpanic" and exits with
  * 0x12 when no such function exists. */
-        .section .note.Xen, "a"
-        .balign 4
-        .long 4, 4, 18                  /* namesz, descsz, type: XEN_ELFNOTE_PHYS32_ENTRY */
-        .asciz "Xen"
-        .long pvh_start
-        .text
-        .code32
-        .globl pvh_start
-pvh_start:
+        PVH_ENTRY
         mov 24(%ebx), %esi              /* hvm_start_info.cmdline_paddr */
         movzbl (%esi), %ebp
         sub $'0', %ebp                  /* the event to write */

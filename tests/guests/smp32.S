@@ -13,15 +13,7 @@
         .set TRAMPOLINE, 0x10000        /* STARTUP vector 0x10: the AP starts at 0x1000:0000 */
         .set AP_MAILBOX, 0x10ff0        /* the AP writes [0x10ff0] = 0xa9 marker, [0x10ff1] = id */
 
-        .section .note.Xen, "a"
-        .balign 4
-        .long 4, 4, 18                  /* namesz, descsz, type: XEN_ELFNOTE_PHYS32_ENTRY */
-        .asciz "Xen"
-        .long pvh_start
-        .text
-        .code32
-        .globl pvh_start
-pvh_start:
+        PVH_ENTRY
         /* MP spec 4: the floating pointer is on a 16-byte boundary in the last KiB of base
          * memory (0x9fc00-0x9ffff for 639 KiB of it) */
         mov $0x9fc00, %esi
