@@ -1,4 +1,4 @@
-"""``--net`` specifications -> a network backend + virtio-net device, wired to the I/O thread.
+"""``--net`` specifications -> a network backend + virtio-net device, wired to the device's I/O thread.
 
     --net user                          libslirp user networking (DHCP 10.0.2.15, gateway
                                         10.0.2.2 = the host, DNS 10.0.2.3), no root needed
@@ -49,7 +49,7 @@ def parse_net(spec: str) -> dict:
     return out
 
 
-def make_net(machine, spec: str):
+def make_net(machine, spec: str, io):
     from kvmpy.virtio.net import VirtioNet
 
     cfg = parse_net(spec)
@@ -65,17 +65,16 @@ def make_net(machine, spec: str):
         backend = TapBackend(cfg["tap"])
         what = f"virtio-net tap {cfg['tap']}"
     try:
-        attach_backend(machine, backend)
+        attach_backend(machine, backend, io)
         return VirtioNet(machine.memory, backend, mac=cfg["mac"]), what
     except BaseException:
         backend.close()
         raise
 
 
-def attach_backend(machine, backend) -> None:
-    """Let the machine's virtio I/O thread serve the backend's fd (an epoll set that includes
+def attach_backend(machine, backend, io) -> None:
+    """Let the device's I/O thread ``io`` serve the backend's fd (an epoll set that includes
     its timers); the fd leaves the I/O thread before the device closes the backend."""
-    io = machine.virtio_iothread
     fds = [fd for fd, _ in backend.fds()]
     for fd, callback in backend.fds():
         io.add_reader(fd, callback)
