@@ -31,9 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from construct import (Array, Bytes, Default, GreedyBytes, Int8ul, Int32ul, Int64ul, Padding,
-                       Struct)
-
+from kvmpy._construct import (Array, Bytes, Default, GreedyBytes, Int8ul, Int32ul, Int64ul,
+                              Padding, Struct)
 from kvmpy.errors import ImageError, KvmpyError
 from kvmpy.loader.bzimage import (BOOT_FLAG, HEADER_MAGIC, SETUP_HEADER_END_MAX,
                                   SETUP_HEADER_OFFSET, SETUP_HEADER_SIZE, BzImage, LoadFlag,

@@ -19,8 +19,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
-
+from kvmpy._construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
 
 # boot.rst, "THE REAL-MODE KERNEL HEADER"

@@ -17,8 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from construct import Int32ul, Struct
-
+from kvmpy._construct import Int32ul, Struct
 from kvmpy.errors import ImageError
 
 # gABI "ELF Identification": e_ident[]

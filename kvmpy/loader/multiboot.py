@@ -29,8 +29,7 @@ import enum
 from dataclasses import dataclass
 from typing import Sequence
 
-from construct import Bytes, Default, Int32ul, Int64ul, Struct
-
+from kvmpy._construct import Bytes, Default, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
 from kvmpy.loader.elf import ELF_MAGIC, ElfImage, Segment
 
