@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from kvmpy.bootparams import (E820_RAM, E820_RESERVED, E820Entry, build_boot_params,
-                              check_cmdline, e820_for)
+from kvmpy.bootinfo import E820_RAM, E820_RESERVED, E820Entry, check_cmdline, e820_for
+from kvmpy.bootparams import build_boot_params
 from kvmpy.errors import ImageError, KvmpyError
 from kvmpy.loader.bzimage import BzImage, XLoadFlag
 

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from kvmpy.bootparams import E820_RAM, E820_RESERVED, E820Entry, e820_for
+from kvmpy.bootinfo import E820_RAM, E820_RESERVED, E820Entry, e820_for
 from kvmpy.errors import ImageError
 from kvmpy.loader import decompress, detect
 from kvmpy.loader.bzimage import BzImage, XLoadFlag

@@ -1,18 +1,55 @@
-"""The lazy stdlib modules (kvmpy._lazy) that keep `kvmpy boot` lean.
+"""What `kvmpy boot` imports, and the lazy stdlib modules (kvmpy._lazy) that keep it lean.
 
 `kvmpy boot`'s time to the guest's first line is measured against QEMU (benchmarks/boot), and
-most of it was imports. These tests check that the modules kvmpy._lazy defers still work in full
-when something does use them.
+most of it was imports. These tests pin what a PVH ELF boot must not import, and check that the
+modules kvmpy._lazy defers still work in full when something does use them.
 """
 import subprocess
 import sys
 import textwrap
+
+import pytest
+
+from conftest import GUESTS, LIB16
+
+# Loaded only by the code of a module kept lazy (pdb -> bdb, inspect -> dis, pickle -> _pickle,
+# hashlib -> _hashlib, traceback -> linecache's tokenize, ctypes -> _ctypes), by formats a PVH
+# boot does not use, or by dataclasses (milliseconds of startup, and inspect with them).
+NOT_ON_THE_PVH_PATH = ["bdb", "dis", "_pickle", "_hashlib", "tokenize", "_ctypes", "dataclasses",
+                       "kvmpy.loader.bzimage", "kvmpy.loader.multiboot", "kvmpy.bootparams"]
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter, as kvmpy runs: nothing imported beforehand."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pvh_kernel(tmp_path_factory):
+    """tests/guests/pvh32.S linked as tests/test_boot.py::test_pvh_elf_boot links it."""
+    d = tmp_path_factory.mktemp("pvh")
+    (d / "pvh.S").write_text(LIB16 + "\n" + (GUESTS / "pvh32.S").read_text())
+    subprocess.run(["as", "--64", "-o", d / "pvh.o", d / "pvh.S"], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x100000", "-e", "pvh_start",
+                    "-o", d / "vmlinux", d / "pvh.o"], check=True)
+    return d / "vmlinux"
+
+
+def test_pvh_boot_imports_neither_the_bzimage_loader_nor_construct_debug_deps(pvh_kernel):
+    p = run_python(f"""
+        import sys
+        from kvmpy.cli import main
+        status = main(["boot", "--kernel", {str(pvh_kernel)!r}, "--append", "x", "--mem", "64M"])
+        print("status", status)
+        print("loaded", *[m for m in {NOT_ON_THE_PVH_PATH!r} if m in sys.modules])
+        print("construct", "construct" in sys.modules)
+        """)
+    lines = p.stdout.splitlines()
+    assert "status 33" in lines, (p.stdout, p.stderr)     # the guest's EXIT 0x10: (0x10 << 1) | 1
+    assert "magic:336ec578" in lines                        # a real PVH boot
+    assert "loaded" in lines, p.stdout                      # none of them
+    assert "construct True" in lines                        # the boot formats still use it
 
 
 def test_lazy_modules_still_work_in_full():

@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 
 from kvmpy._construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
+from kvmpy.loader import HEADER_MAGIC_OFFSET, has_boot_signature   # (kept there for detect())
 
 # boot.rst, "THE REAL-MODE KERNEL HEADER"
 SETUP_HEADER_OFFSET = 0x1F1     # struct setup_header starts at setup_sects
-BOOT_FLAG_OFFSET = 0x1FE
-BOOT_FLAG = 0xAA55              # the boot sector signature
 JUMP_OFFSET = 0x200             # a 2-byte short jump over the header: 0xEB, length
 SHORT_JMP = 0xEB
-HEADER_MAGIC_OFFSET = 0x202
-HEADER_MAGIC = b"HdrS"          # boot.rst: 'header: Magic signature "HdrS"' (2.00+)
 SECTOR_SIZE = 512
 DEFAULT_SETUP_SECTS = 4         # boot.rst, setup_sects: "If this field is 0, the real value is 4"
 SYSSIZE_UNIT = 16               # boot.rst, syssize: "in units of 16-byte paragraphs"
@@ -125,13 +122,6 @@ SETUP_HEADER_SIZE = SetupHeader.sizeof()   # 0x7b: up to 0x26c
 def protocol_str(version: int) -> str:
     """0x020f -> '2.15' (boot.rst writes protocol versions as major.minor, minor in decimal)."""
     return f"{version >> 8}.{version & 0xFF:02d}"
-
-
-def has_boot_signature(data: bytes) -> bool:
-    """The boot sector signature 0xAA55 at 0x1fe and "HdrS" at 0x202 (boot.rst)."""
-    return (len(data) >= HEADER_MAGIC_OFFSET + 4
-            and int.from_bytes(data[BOOT_FLAG_OFFSET:BOOT_FLAG_OFFSET + 2], "little") == BOOT_FLAG
-            and data[HEADER_MAGIC_OFFSET:HEADER_MAGIC_OFFSET + 4] == HEADER_MAGIC)
 
 
 @dataclass(frozen=True)
