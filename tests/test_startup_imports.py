@@ -1,8 +1,9 @@
 """What `kvmpy boot` imports, and the lazy stdlib modules (kvmpy._lazy) that keep it lean.
 
 `kvmpy boot`'s time to the guest's first line is measured against QEMU (benchmarks/boot), and
-most of it was imports. These tests pin what a PVH ELF boot must not import, and check that the
-modules kvmpy._lazy defers still work in full when something does use them.
+most of it was imports. These tests pin what a PVH ELF boot must not import, check that the
+modules kvmpy._lazy defers still work in full when something does use them, and that the parser
+main() builds for one subcommand reads as the full one.
 """
 import subprocess
 import sys
@@ -136,3 +137,30 @@ def test_kvmpy_imports_construct_only_through_kvmpy_construct():
     direct = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "_construct.py"
               and re.search(r"^\s*(from construct\b|import construct\b)", p.read_text(), re.M)]
     assert direct == []
+
+
+@pytest.mark.parametrize("argv", [["boot", "--help"], ["run", "--help"], ["trace", "--help"],
+                                  ["trace", "summarize", "--help"], ["doctor", "--help"],
+                                  ["boot"], ["boot", "--kernel", "k", "--cpus", "x"],
+                                  ["boot", "--kernel", "k", "extra"]])
+def test_one_command_parser_reads_as_the_full_one(argv, capsys, monkeypatch):
+    """main() builds only the named subcommand's parser: its help and errors are unchanged."""
+    from kvmpy.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "100")
+    results = []
+    for parser in (build_parser(), build_parser(argv[0])):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        results.append((e.value.code, *capsys.readouterr()))
+    assert results[0] == results[1]
+    assert results[0][0] == (0 if "--help" in argv else 2)
+
+
+def test_top_level_help_and_unknown_command_list_every_command(kvmpy_cli):
+    p = kvmpy_cli("--help")
+    assert p.returncode == 0
+    for command in ("run", "boot", "image", "up", "demo", "trace", "explain", "doctor"):
+        assert f"    {command} " in p.stdout.decode()
+    p = kvmpy_cli("bogus")
+    assert p.returncode == 2 and "choose from 'run', 'boot', 'image'" in p.stderr.decode()
