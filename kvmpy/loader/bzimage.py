@@ -16,8 +16,8 @@ This module parses and checks; it does not touch guest memory, decompress the pa
 """
 from __future__ import annotations
 
+import collections
 import enum
-from dataclasses import dataclass, field
 
 from kvmpy._construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
@@ -124,30 +124,39 @@ def protocol_str(version: int) -> str:
     return f"{version >> 8}.{version & 0xFF:02d}"
 
 
-@dataclass(frozen=True)
-class BzImage:
+# BzImage's fields. A namedtuple, not a dataclass: dataclasses and the inspect module they import
+# cost `kvmpy boot` milliseconds of startup (benchmarks/boot).
+_BZIMAGE_FIELDS = (
+    "path",
+    "version",
+    "setup_sects",              # real value (0 in the file means 4)
+    "syssize",                  # in 16-byte paragraphs
+    "loadflags",                # LoadFlag
+    "xloadflags",               # XLoadFlag; 0 before protocol 2.12
+    "relocatable_kernel",       # bool
+    "kernel_alignment",
+    "min_alignment",            # log2; 0 before protocol 2.10
+    "cmdline_size",             # max command line length, without the terminating NUL
+    "initrd_addr_max",          # highest address the initrd's last byte may have
+    "pref_address",
+    "init_size",
+    "payload_offset",           # None before protocol 2.08
+    "payload_length",
+    "kernel_version",           # "" when the header has no version string
+    "setup_header_bytes",       # 0x1f1 .. 0x202 + byte at 0x201
+    "kernel",                   # the protected-mode part
+)
+
+
+class BzImage(collections.namedtuple("BzImage", _BZIMAGE_FIELDS)):
     """A validated bzImage. Header fields keep their boot.rst names."""
 
-    path: str
-    version: int
-    setup_sects: int              # real value (0 in the file means 4)
-    syssize: int                  # in 16-byte paragraphs
-    loadflags: LoadFlag
-    xloadflags: XLoadFlag         # 0 before protocol 2.12
-    relocatable_kernel: bool
-    kernel_alignment: int
-    min_alignment: int            # log2; 0 before protocol 2.10
-    cmdline_size: int             # max command line length, without the terminating NUL
-    initrd_addr_max: int          # highest address the initrd's last byte may have
-    pref_address: int
-    init_size: int
-    payload_offset: int | None    # None before protocol 2.08
-    payload_length: int | None
-    kernel_version: str           # "" when the header has no version string
-    setup_header_bytes: bytes = field(repr=False)   # 0x1f1 .. 0x202 + byte at 0x201
-    kernel: bytes = field(repr=False)               # the protected-mode part
-
+    __slots__ = ()
     entry64_offset = ENTRY64_OFFSET
+
+    def __repr__(self) -> str:      # without the setup header's and the kernel's bytes
+        return (f"BzImage(path={self.path!r}, protocol {protocol_str(self.version)}, "
+                f"kernel_version={self.kernel_version!r}, {len(self.kernel)} bytes of kernel)")
 
     @property
     def setup_size(self) -> int:
