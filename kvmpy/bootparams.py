@@ -1,4 +1,4 @@
-"""The Linux x86 zero page (``struct boot_params``) and the e820 memory map it carries.
+"""The Linux x86 zero page (``struct boot_params``), with the e820 memory map it carries.
 
 A 64-bit Linux boot (Documentation/arch/x86/boot.rst, "64-bit BOOT PROTOCOL") hands the kernel one
 4096-byte page, the zero page, with RSI pointing at it. It holds the kernel's own setup header,
@@ -28,24 +28,17 @@ This module builds bytes; the builder decides addresses and writes them into gue
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
-from construct import (Array, Bytes, Default, GreedyBytes, Int8ul, Int32ul, Int64ul, Padding,
-                       Struct)
-
+from kvmpy._construct import (Array, Bytes, Default, GreedyBytes, Int8ul, Int32ul, Int64ul,
+                              Padding, Struct)
+from kvmpy.bootinfo import E820Entry
 from kvmpy.errors import ImageError, KvmpyError
-from kvmpy.loader.bzimage import (BOOT_FLAG, HEADER_MAGIC, SETUP_HEADER_END_MAX,
-                                  SETUP_HEADER_OFFSET, SETUP_HEADER_SIZE, BzImage, LoadFlag,
-                                  SetupHeader, XLoadFlag)
+from kvmpy.loader import BOOT_FLAG, HEADER_MAGIC
+from kvmpy.loader.bzimage import (SETUP_HEADER_END_MAX, SETUP_HEADER_OFFSET, SETUP_HEADER_SIZE,
+                                  BzImage, LoadFlag, SetupHeader, XLoadFlag)
 
 ZERO_PAGE_SIZE = 4096
-# e820 types (arch/x86/include/asm/e820/types.h; ACPI "Address Range Types")
-E820_RAM = 1
-E820_RESERVED = 2
-E820_ACPI = 3
-E820_NVS = 4
-E820_UNUSABLE = 5
 E820_MAX_ENTRIES_ZEROPAGE = 128        # bootparam.h: e820_table[E820_MAX_ENTRIES_ZEROPAGE]
 
 # boot.rst, type_of_loader: "If your boot loader has an assigned id ... Otherwise, enter 0xFF"
@@ -53,19 +46,7 @@ LOADER_TYPE_UNDEFINED = 0xFF
 VID_MODE_NORMAL = 0xFFFF               # boot.rst, vid_mode: 0xFFFF means "normal"
 HEAP_END = 0xE000                      # boot.rst sample loader: heap_end for 2.02+ & LOADED_HIGH
 HEAP_END_PTR = HEAP_END - 0x200        # "... minus 0x0200" (boot.rst, heap_end_ptr)
-COMMAND_LINE_SIZE = 2048               # arch/x86/include/asm/setup.h: what the kernel copies
 FOUR_GIB = 1 << 32
-
-# Memory map layout (Firecracker arch/src/x86_64/layout.rs and mod.rs follow the PC):
-#   0x00000-0x9fbff  RAM (conventional memory, less the last KiB)
-#   0x9fc00-0xfffff  reserved: EBDA (0x9fc00, where kvmpy.mptable puts the MP table), VGA
-#                    window 0xa0000-0xbffff, option ROMs and the BIOS 0xc0000-0xfffff
-#   0x100000-...     RAM up to the end of low RAM (the builder stops it below its MMIO hole)
-#   4 GiB-...        RAM above the hole, if any
-# The 32-bit MMIO hole is left out of the map (not reserved): Linux takes the largest gap below
-# 4 GiB as room for PCI BARs.
-EBDA_START = 0x9FC00
-HIGH_MEMORY = 0x100000
 
 E820Entry_ = Struct(                   # struct boot_e820_entry, packed: 20 bytes
     "addr" / Int64ul,
@@ -114,62 +95,6 @@ assert BootParams.sizeof() == ZERO_PAGE_SIZE
 
 # The header region of the zero page: struct setup_header, then whatever follows it up to 0x290.
 _HeaderRegion = Struct("hdr" / SetupHeader, "rest" / GreedyBytes)
-
-
-@dataclass(frozen=True)
-class E820Entry:
-    addr: int
-    size: int
-    type: int
-
-    @property
-    def end(self) -> int:
-        return self.addr + self.size
-
-
-def e820_for(memory_layout: Sequence[tuple[int, int]]) -> list[E820Entry]:
-    """The e820 map for guest RAM ``[(gpa, size), ...]`` (the builder's ``ram_layout``).
-
-    RAM below EBDA_START and from 1 MiB up is reported as RAM; 0x9fc00-0xfffff as reserved when
-    any RAM lies below 1 MiB (see the layout table above). Adjacent RAM is merged.
-    """
-    ram: list[E820Entry] = []
-    low = False
-    for gpa, size in sorted(memory_layout):
-        end = gpa + size
-        if gpa < HIGH_MEMORY:
-            low = True
-        if gpa < EBDA_START:
-            ram.append(E820Entry(gpa, min(end, EBDA_START) - gpa, E820_RAM))
-        start = max(gpa, HIGH_MEMORY)
-        if end > start:
-            ram.append(E820Entry(start, end - start, E820_RAM))
-    merged: list[E820Entry] = []
-    for e in ram:
-        if merged and merged[-1].end == e.addr:
-            merged[-1] = E820Entry(merged[-1].addr, merged[-1].size + e.size, E820_RAM)
-        else:
-            merged.append(e)
-    if low:
-        merged.append(E820Entry(EBDA_START, HIGH_MEMORY - EBDA_START, E820_RESERVED))
-    return sorted(merged, key=lambda e: e.addr)
-
-
-def check_cmdline(cmdline: str | bytes, bz: BzImage | None = None) -> bytes:
-    """The command line as the NUL-terminated bytes to put in guest memory.
-
-    ImageError when it is longer than the kernel's ``cmdline_size`` (boot.rst: "the maximum size
-    of the command line without the terminating zero"), or contains a NUL.
-    """
-    raw = cmdline.encode() if isinstance(cmdline, str) else bytes(cmdline)
-    if b"\0" in raw:
-        raise ImageError("the kernel command line contains a NUL byte; remove it")
-    limit = bz.cmdline_size if bz is not None else COMMAND_LINE_SIZE - 1
-    if len(raw) > limit:
-        who = bz.path if bz is not None else "the kernel"
-        raise ImageError(f"the kernel command line is {len(raw)} bytes but {who} accepts at most "
-                         f"{limit} (cmdline_size); shorten it")
-    return raw + b"\0"
 
 
 def _minimal_header() -> bytes:

@@ -80,47 +80,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"kvmpy: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kvmpy", description="A virtual machine monitor in Python over Linux KVM.",
-                formatter_class=_Formatter, epilog=EXIT_STATUS_HELP)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+def _common(sp) -> None:
+    sp.add_argument("--mem", type=parse_size, default=None, metavar="SIZE",
+                    help="guest RAM, e.g. 512M or 1G (default 256M)")
+    sp.add_argument("--trace", metavar="FILE",
+                    help="write every exit as one JSON line to FILE ('-' for stderr)")
+    sp.add_argument("--stats", action="store_true",
+                    help="print exits by reason and by device when the VM ends")
+    sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="stop the guest after SECONDS (status 124)")
+    sp.add_argument("--kvm", metavar="PATH", help="KVM device node (default /dev/kvm, or "
+                    "$KVMPY_KVM_DEVICE)")
+    sp.add_argument("--disk", action=_DeviceAction, dest="devices", metavar="PATH[,ro]",
+                    help="virtio-blk disk backed by a raw image file (repeatable; ',ro' for "
+                    "read-only)")
+    sp.add_argument("--rng", action=_DeviceAction, dest="devices", nargs=0,
+                    help="virtio-rng fed from the host's getrandom")
+    sp.add_argument("--net", action=_DeviceAction, dest="devices", metavar="SPEC",
+                    help="virtio-net: user[,hostfwd=tcp::HOSTPORT-:GUESTPORT] (libslirp, "
+                    "no root) or tap=NAME; ,mac=52:54:00:... (repeatable)")
+    sp.add_argument("--virtio-console", action=_DeviceAction, dest="devices", nargs=0,
+                    help="virtio-console (the guest's hvc0); host input goes to it instead "
+                    "of COM1 (use console=hvc0 for Linux)")
+    sp.add_argument("--transport", choices=["mmio", "pci"], default=None,
+                    help="virtio transport (default: pci for boot, mmio for run)")
+    sp.add_argument("--device-map", action="store_true",
+                    help="print the device map (ports, MMIO, PCI, IRQs) before the guest "
+                    "starts")
+    sp.add_argument("--gdb", metavar="tcp::PORT", help="serve the GDB remote protocol "
+                    "(localhost only unless tcp:HOST:PORT names an address)")
+    sp.add_argument("--gdb-wait", action="store_true", help="stop before the first "
+                    "instruction until gdb connects and continues (implies --gdb tcp::1234)")
+    sp.add_argument("--symbols", metavar="FILE", help="System.map or ELF with symbols: name "
+                    "RIPs in --trace (default: the kernel's own symbols when it is an ELF "
+                    "that has them)")
 
-    def common(sp):
-        sp.add_argument("--mem", type=parse_size, default=None, metavar="SIZE",
-                        help="guest RAM, e.g. 512M or 1G (default 256M)")
-        sp.add_argument("--trace", metavar="FILE",
-                        help="write every exit as one JSON line to FILE ('-' for stderr)")
-        sp.add_argument("--stats", action="store_true",
-                        help="print exits by reason and by device when the VM ends")
-        sp.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help="stop the guest after SECONDS (status 124)")
-        sp.add_argument("--kvm", metavar="PATH", help="KVM device node (default /dev/kvm, or "
-                        "$KVMPY_KVM_DEVICE)")
-        sp.add_argument("--disk", action=_DeviceAction, dest="devices", metavar="PATH[,ro]",
-                        help="virtio-blk disk backed by a raw image file (repeatable; ',ro' for "
-                        "read-only)")
-        sp.add_argument("--rng", action=_DeviceAction, dest="devices", nargs=0,
-                        help="virtio-rng fed from the host's getrandom")
-        sp.add_argument("--net", action=_DeviceAction, dest="devices", metavar="SPEC",
-                        help="virtio-net: user[,hostfwd=tcp::HOSTPORT-:GUESTPORT] (libslirp, "
-                        "no root) or tap=NAME; ,mac=52:54:00:... (repeatable)")
-        sp.add_argument("--virtio-console", action=_DeviceAction, dest="devices", nargs=0,
-                        help="virtio-console (the guest's hvc0); host input goes to it instead "
-                        "of COM1 (use console=hvc0 for Linux)")
-        sp.add_argument("--transport", choices=["mmio", "pci"], default=None,
-                        help="virtio transport (default: pci for boot, mmio for run)")
-        sp.add_argument("--device-map", action="store_true",
-                        help="print the device map (ports, MMIO, PCI, IRQs) before the guest "
-                        "starts")
-        sp.add_argument("--gdb", metavar="tcp::PORT", help="serve the GDB remote protocol "
-                        "(localhost only unless tcp:HOST:PORT names an address)")
-        sp.add_argument("--gdb-wait", action="store_true", help="stop before the first "
-                        "instruction until gdb connects and continues (implies --gdb tcp::1234)")
-        sp.add_argument("--symbols", metavar="FILE", help="System.map or ELF with symbols: name "
-                        "RIPs in --trace (default: the kernel's own symbols when it is an ELF "
-                        "that has them)")
 
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run a flat binary in real, protected or long mode",
                        formatter_class=_Formatter,
                        epilog=EXIT_STATUS_HELP,
@@ -141,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--irqchip", action="store_true",
                    help="create the in-kernel PIC/IOAPIC/LAPIC and PIT (HLT then waits for "
                    "interrupts instead of ending the guest)")
-    common(r)
+    _common(r)
 
+
+def _add_boot(sub) -> None:
     b = sub.add_parser("boot", help="boot a Linux kernel (bzImage, vmlinux ELF, multiboot)",
                        formatter_class=_Formatter, epilog=EXIT_STATUS_HELP,
                        description="Boot a kernel with kvmpy as the boot loader: COM1 (ttyS0) is "
@@ -158,25 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     b.add_argument("--fast-boot", action="store_true",
                    help="decompress a bzImage on the host (cached) and boot it through PVH")
-    common(b)
+    _common(b)
 
+
+def _add_image(sub) -> None:
     im = sub.add_parser("image", formatter_class=_Formatter,
                         help="build the default Linux guest (Debian's kernel + a busybox "
                         "initramfs)")
     im.add_argument("--out", metavar="DIR", help="where to write bzImage and initramfs.cpio.gz "
                     "(default ~/.cache/kvmpy/guest)")
 
+
+def _add_up(sub) -> None:
     up = sub.add_parser("up", formatter_class=_Formatter,
                         help="the main job: build and boot the default Linux guest; on a host "
                         "whose KVM cannot boot Linux, say so and run the demo instead")
     up.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
-    common(up)
+    _common(up)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="run the bundled guest that walks from real to long mode",
                        formatter_class=_Formatter,
                        epilog=EXIT_STATUS_HELP)
-    common(d)
+    _common(d)
 
+
+def _add_trace(sub) -> None:
     t = sub.add_parser("trace", help="work with exit traces (--trace FILE)",
                        formatter_class=_Formatter)
     tsub = t.add_subparsers(dest="trace_command", metavar="SUBCOMMAND", parser_class=_Parser)
@@ -188,18 +194,50 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also draw a timeline and histogram (needs kvmpy[plot])")
     ts.add_argument("--explain", action="store_true",
                     help="append `kvmpy explain` for each reason present")
+
+
+def _add_explain(sub) -> None:
     ex = sub.add_parser("explain", formatter_class=_Formatter,
                         help="what a KVM exit reason means (VT-x, AMD-V, kvmpy)")
     ex.add_argument("reason", metavar="REASON", help="e.g. io, KVM_EXIT_MMIO, 17")
 
+
+def _add_doctor(sub) -> None:
     doc = sub.add_parser("doctor", help="check /dev/kvm and say what kind of KVM this host has",
                          formatter_class=_Formatter)
     doc.add_argument("--kvm", metavar="PATH", help="KVM device node (default /dev/kvm)")
+
+
+# Subcommands in `kvmpy --help` order, each with the function that adds its parser.
+_SUBCOMMANDS = {"run": _add_run, "boot": _add_boot, "image": _add_image, "up": _add_up,
+                "demo": _add_demo, "trace": _add_trace, "explain": _add_explain,
+                "doctor": _add_doctor}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``kvmpy`` parser with every subcommand, or with ``command``'s alone.
+
+    main() passes the subcommand named first on the command line: building the other
+    subcommands' parsers (about 100 options) would cost `kvmpy boot` milliseconds of startup
+    (benchmarks/boot), and a subcommand's own parser, help and errors do not depend on them.
+    """
+    p = _Parser(prog="kvmpy", description="A virtual machine monitor in Python over Linux KVM.",
+                formatter_class=_Formatter, epilog=EXIT_STATUS_HELP)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, add in _SUBCOMMANDS.items():
+        if command is None or name == command:
+            add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    # Only a known subcommand as the first word narrows the parser: `kvmpy`, `kvmpy --help` and
+    # `kvmpy bogus` (its error lists the commands) need them all.
+    command = argv[0] if argv and argv[0] in _SUBCOMMANDS else None
+    args = build_parser(command).parse_args(argv)
     from kvmpy.errors import KvmpyError
 
     try:

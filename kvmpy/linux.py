@@ -176,7 +176,7 @@ def add_panic_device(m: Machine) -> None:
 
 
 def _e820(m: Machine):
-    from kvmpy.bootparams import e820_for
+    from kvmpy.bootinfo import e820_for
 
     return e820_for([(r.gpa, r.size) for r in m.memory.regions])
 
@@ -200,7 +200,7 @@ def _place_initrd(m: Machine, initrd: bytes, lowest: int, highest_end: int) -> i
 
 
 def _write_cmdline(m: Machine, cmdline: str, bz=None) -> int:
-    from kvmpy.bootparams import check_cmdline
+    from kvmpy.bootinfo import check_cmdline
 
     raw = check_cmdline(cmdline, bz)
     if len(raw) > CMDLINE_MAX:

@@ -2,13 +2,12 @@
 offsets, the e820 layout against the PC/Firecracker map, and command-line limits."""
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 import pytest
 
-from kvmpy.bootparams import (E820_RAM, E820_RESERVED, E820Entry, build_boot_params,
-                              check_cmdline, e820_for)
+from kvmpy.bootinfo import E820_RAM, E820_RESERVED, E820Entry, check_cmdline, e820_for
+from kvmpy.bootparams import build_boot_params
 from kvmpy.errors import ImageError, KvmpyError
 from kvmpy.loader.bzimage import BzImage, XLoadFlag
 
@@ -109,7 +108,7 @@ def test_high_addresses_go_to_ext_fields(bz):
 
 
 def test_initrd_above_initrd_addr_max(bz):
-    low_only = dataclasses.replace(bz, xloadflags=XLoadFlag.XLF_KERNEL_64)
+    low_only = bz._replace(xloadflags=XLoadFlag.XLF_KERNEL_64)
     with pytest.raises(ImageError, match="above vmlinuz's initrd_addr_max 0x7fffffff"):
         build_boot_params(low_only, cmdline_addr=0x20000, cmdline_size=0,
                           initrd_addr=0x7FFFF000, initrd_size=0x2000, e820=[])

@@ -4,7 +4,6 @@ multiboot kernels, and the PVH / multiboot information structures at their spec 
 from __future__ import annotations
 
 import bz2
-import dataclasses
 import gzip
 import lzma
 import random
@@ -15,7 +14,7 @@ import subprocess
 
 import pytest
 
-from kvmpy.bootparams import E820_RAM, E820_RESERVED, E820Entry, e820_for
+from kvmpy.bootinfo import E820_RAM, E820_RESERVED, E820Entry, e820_for
 from kvmpy.errors import ImageError
 from kvmpy.loader import decompress, detect
 from kvmpy.loader.bzimage import BzImage, XLoadFlag
@@ -117,7 +116,7 @@ def test_load_address(bz):
     assert bz.load_address(256 * MIB) == 0x1000000          # pref_address fits
     with pytest.raises(ImageError, match="needs RAM up to .* give the guest more memory"):
         bz.load_address(32 * MIB)
-    fixed = dataclasses.replace(bz, relocatable_kernel=False)
+    fixed = bz._replace(relocatable_kernel=False)
     assert fixed.load_address(256 * MIB) == 0x100000
 
 
@@ -211,8 +210,8 @@ FAKE_VMLINUX = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 64
 
 def _bz_with_payload(bz: BzImage, compressed: bytes) -> BzImage:
     payload = compressed + struct.pack("<I", len(FAKE_VMLINUX))
-    return dataclasses.replace(bz, kernel=b"\x90" * 16 + payload + b"\0" * 12, payload_offset=16,
-                               payload_length=len(payload))
+    return bz._replace(kernel=b"\x90" * 16 + payload + b"\0" * 12, payload_offset=16,
+                       payload_length=len(payload))
 
 
 @pytest.mark.parametrize("fmt,compress", [
@@ -248,7 +247,7 @@ def test_extract_without_zstd_says_what_to_install(bz, monkeypatch):
 
 def test_extract_size_mismatch(bz):
     payload = gzip.compress(FAKE_VMLINUX) + struct.pack("<I", len(FAKE_VMLINUX) + 1)
-    fake = dataclasses.replace(bz, kernel=payload, payload_offset=0, payload_length=len(payload))
+    fake = bz._replace(kernel=payload, payload_offset=0, payload_length=len(payload))
     with pytest.raises(ImageError, match="size word says"):
         extract_vmlinux(fake)
 

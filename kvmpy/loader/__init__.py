@@ -16,6 +16,23 @@ from kvmpy.errors import ImageError
 
 FORMATS = ("bzimage", "elf", "multiboot")
 
+# The signatures that tell the formats apart live here rather than in each format's module, so
+# that detect() imports only the module of the format it finds: each costs `kvmpy boot` startup
+# time with its construct structures and enums (benchmarks/boot).
+ELF_MAGIC = b"\x7fELF"          # gABI "ELF Identification": e_ident[EI_MAG0..EI_MAG3]
+# boot.rst, "THE REAL-MODE KERNEL HEADER"
+BOOT_FLAG_OFFSET = 0x1FE
+BOOT_FLAG = 0xAA55              # the boot sector signature
+HEADER_MAGIC_OFFSET = 0x202
+HEADER_MAGIC = b"HdrS"          # boot.rst: 'header: Magic signature "HdrS"' (2.00+)
+
+
+def has_boot_signature(data: bytes) -> bool:
+    """The boot sector signature 0xAA55 at 0x1fe and "HdrS" at 0x202 (boot.rst)."""
+    return (len(data) >= HEADER_MAGIC_OFFSET + 4
+            and int.from_bytes(data[BOOT_FLAG_OFFSET:BOOT_FLAG_OFFSET + 2], "little") == BOOT_FLAG
+            and data[HEADER_MAGIC_OFFSET:HEADER_MAGIC_OFFSET + 4] == HEADER_MAGIC)
+
 
 def detect(data: bytes, path: str) -> str:
     """"bzimage", "elf" or "multiboot" for the kernel image ``data`` (read from ``path``).
@@ -31,30 +48,35 @@ def detect(data: bytes, path: str) -> str:
     Anything else, truncated or corrupt files included, raises ImageError naming what is wrong.
     """
     # Each format's module is imported only when the bytes point at it: they are not cheap to
-    # import, and `kvmpy boot` startup is measured (benchmarks/boot).
+    # import, and `kvmpy boot` startup is measured (benchmarks/boot). A PVH ELF kernel imports
+    # kvmpy.loader.elf alone.
     if not data:
         raise ImageError(f"{path} is empty: it is not a kernel image (bzImage, vmlinux ELF or "
                          "multiboot kernel)")
-    if data[0x1FE:0x200] == b"\x55\xaa" and data[0x202:0x206] == b"HdrS":
+    if has_boot_signature(data):
         from kvmpy.loader.bzimage import BzImage
 
         BzImage.parse(data, path)
         return "bzimage"
-    from kvmpy.loader.bzimage import BOOT_FLAG, BOOT_FLAG_OFFSET
-    from kvmpy.loader.elf import ELF_MAGIC, EM_X86_64, ElfImage
-    from kvmpy.loader.multiboot import MultibootImage, find_header
-
-    if (len(data) < 0x206 and len(data) >= BOOT_FLAG_OFFSET + 2
+    if (len(data) < HEADER_MAGIC_OFFSET + 4 and len(data) >= BOOT_FLAG_OFFSET + 2
             and int.from_bytes(data[BOOT_FLAG_OFFSET:BOOT_FLAG_OFFSET + 2], "little") == BOOT_FLAG):
         raise ImageError(f"{path} is truncated ({len(data)} bytes): a boot sector without the "
                          "setup header after it; copy the kernel image again")
-    elf = ElfImage.parse(data, path) if data[:4] == ELF_MAGIC else None
-    if elf is not None and elf.pvh_entry is not None:
-        return "elf"
+    elf = None
+    if data[:4] == ELF_MAGIC:
+        from kvmpy.loader.elf import ElfImage
+
+        elf = ElfImage.parse(data, path)
+        if elf.pvh_entry is not None:
+            return "elf"
+    from kvmpy.loader.multiboot import MultibootImage, find_header
+
     if find_header(data) is not None:
         MultibootImage.parse(data, path)
         return "multiboot"
     if elf is not None:
+        from kvmpy.loader.elf import EM_X86_64
+
         if elf.machine == EM_X86_64 and elf.bits == 64:
             return "elf"
         raise ImageError(f"{path} is a 32-bit ELF with neither a PVH note nor a multiboot "

@@ -16,21 +16,17 @@ This module parses and checks; it does not touch guest memory, decompress the pa
 """
 from __future__ import annotations
 
+import collections
 import enum
-from dataclasses import dataclass, field
 
-from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
-
+from kvmpy._construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
+from kvmpy.loader import HEADER_MAGIC_OFFSET, has_boot_signature   # (kept there for detect())
 
 # boot.rst, "THE REAL-MODE KERNEL HEADER"
 SETUP_HEADER_OFFSET = 0x1F1     # struct setup_header starts at setup_sects
-BOOT_FLAG_OFFSET = 0x1FE
-BOOT_FLAG = 0xAA55              # the boot sector signature
 JUMP_OFFSET = 0x200             # a 2-byte short jump over the header: 0xEB, length
 SHORT_JMP = 0xEB
-HEADER_MAGIC_OFFSET = 0x202
-HEADER_MAGIC = b"HdrS"          # boot.rst: 'header: Magic signature "HdrS"' (2.00+)
 SECTOR_SIZE = 512
 DEFAULT_SETUP_SECTS = 4         # boot.rst, setup_sects: "If this field is 0, the real value is 4"
 SYSSIZE_UNIT = 16               # boot.rst, syssize: "in units of 16-byte paragraphs"
@@ -128,37 +124,39 @@ def protocol_str(version: int) -> str:
     return f"{version >> 8}.{version & 0xFF:02d}"
 
 
-def has_boot_signature(data: bytes) -> bool:
-    """The boot sector signature 0xAA55 at 0x1fe and "HdrS" at 0x202 (boot.rst)."""
-    return (len(data) >= HEADER_MAGIC_OFFSET + 4
-            and int.from_bytes(data[BOOT_FLAG_OFFSET:BOOT_FLAG_OFFSET + 2], "little") == BOOT_FLAG
-            and data[HEADER_MAGIC_OFFSET:HEADER_MAGIC_OFFSET + 4] == HEADER_MAGIC)
+# BzImage's fields. A namedtuple, not a dataclass: dataclasses and the inspect module they import
+# cost `kvmpy boot` milliseconds of startup (benchmarks/boot).
+_BZIMAGE_FIELDS = (
+    "path",
+    "version",
+    "setup_sects",              # real value (0 in the file means 4)
+    "syssize",                  # in 16-byte paragraphs
+    "loadflags",                # LoadFlag
+    "xloadflags",               # XLoadFlag; 0 before protocol 2.12
+    "relocatable_kernel",       # bool
+    "kernel_alignment",
+    "min_alignment",            # log2; 0 before protocol 2.10
+    "cmdline_size",             # max command line length, without the terminating NUL
+    "initrd_addr_max",          # highest address the initrd's last byte may have
+    "pref_address",
+    "init_size",
+    "payload_offset",           # None before protocol 2.08
+    "payload_length",
+    "kernel_version",           # "" when the header has no version string
+    "setup_header_bytes",       # 0x1f1 .. 0x202 + byte at 0x201
+    "kernel",                   # the protected-mode part
+)
 
 
-@dataclass(frozen=True)
-class BzImage:
+class BzImage(collections.namedtuple("BzImage", _BZIMAGE_FIELDS)):
     """A validated bzImage. Header fields keep their boot.rst names."""
 
-    path: str
-    version: int
-    setup_sects: int              # real value (0 in the file means 4)
-    syssize: int                  # in 16-byte paragraphs
-    loadflags: LoadFlag
-    xloadflags: XLoadFlag         # 0 before protocol 2.12
-    relocatable_kernel: bool
-    kernel_alignment: int
-    min_alignment: int            # log2; 0 before protocol 2.10
-    cmdline_size: int             # max command line length, without the terminating NUL
-    initrd_addr_max: int          # highest address the initrd's last byte may have
-    pref_address: int
-    init_size: int
-    payload_offset: int | None    # None before protocol 2.08
-    payload_length: int | None
-    kernel_version: str           # "" when the header has no version string
-    setup_header_bytes: bytes = field(repr=False)   # 0x1f1 .. 0x202 + byte at 0x201
-    kernel: bytes = field(repr=False)               # the protected-mode part
-
+    __slots__ = ()
     entry64_offset = ENTRY64_OFFSET
+
+    def __repr__(self) -> str:      # without the setup header's and the kernel's bytes
+        return (f"BzImage(path={self.path!r}, protocol {protocol_str(self.version)}, "
+                f"kernel_version={self.kernel_version!r}, {len(self.kernel)} bytes of kernel)")
 
     @property
     def setup_size(self) -> int:

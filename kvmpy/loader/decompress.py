@@ -33,8 +33,8 @@ import zlib
 import lzma
 
 from kvmpy.errors import ImageError
+from kvmpy.loader import ELF_MAGIC
 from kvmpy.loader.bzimage import BzImage
-from kvmpy.loader.elf import ELF_MAGIC
 
 # lib/decompress.c compressed_formats (first two bytes) and each format's full magic
 MAGICS: tuple[tuple[bytes, str], ...] = (

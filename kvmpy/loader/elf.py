@@ -14,15 +14,14 @@ This module parses; it does not place segments in guest memory or choose an entr
 """
 from __future__ import annotations
 
+import collections
 import struct
-from dataclasses import dataclass, field
 
-from construct import Int32ul, Struct
-
+from kvmpy._construct import Int32ul, Struct
 from kvmpy.errors import ImageError
+from kvmpy.loader import ELF_MAGIC
 
 # gABI "ELF Identification": e_ident[]
-ELF_MAGIC = b"\x7fELF"
 EI_CLASS, EI_DATA = 4, 5
 ELFCLASS32, ELFCLASS64 = 1, 2
 ELFDATA2LSB = 1
@@ -49,37 +48,33 @@ _SHDR = {ELFCLASS32: struct.Struct("<IIIIIIIIII"), ELFCLASS64: struct.Struct("<I
 NoteHeader = Struct("namesz" / Int32ul, "descsz" / Int32ul, "type" / Int32ul)
 
 
-@dataclass(frozen=True)
-class Segment:
+# The records below are namedtuples, not dataclasses: dataclasses (and the inspect module they
+# import) cost `kvmpy boot` milliseconds of startup (benchmarks/boot).
+class Segment(collections.namedtuple("Segment", "paddr memsz data vaddr flags",
+                                     defaults=(0, 0))):
     """``data`` goes to guest-physical ``paddr``; bytes ``len(data)..memsz`` are zeroed."""
 
-    paddr: int
-    memsz: int
-    data: bytes = field(repr=False)
-    vaddr: int = 0
-    flags: int = 0
+    __slots__ = ()
+
+    def __repr__(self) -> str:      # without ``data``: a vmlinux segment is megabytes
+        return (f"Segment(paddr={self.paddr:#x}, memsz={self.memsz:#x}, vaddr={self.vaddr:#x}, "
+                f"flags={self.flags:#x})")
 
     @property
     def end(self) -> int:
         return self.paddr + self.memsz
 
 
-@dataclass(frozen=True)
-class Note:
-    name: bytes
-    type: int
-    desc: bytes
+Note = collections.namedtuple("Note", "name type desc")   # name: bytes, type: int, desc: bytes
 
 
-@dataclass(frozen=True)
-class ElfImage:
-    path: str
-    bits: int                   # 32 or 64
-    machine: int                # EM_386 or EM_X86_64
-    entry: int                  # e_entry, as linked (a vmlinux's is physical: startup_64)
-    segments: tuple[Segment, ...]
-    notes: tuple[Note, ...]
-    pvh_entry: int | None       # XEN_ELFNOTE_PHYS32_ENTRY, or None without a PVH note
+class ElfImage(collections.namedtuple("ElfImage", "path bits machine entry segments notes "
+                                      "pvh_entry")):
+    """An ELF kernel: ``bits`` 32 or 64, ``machine`` EM_386 or EM_X86_64, ``entry`` its e_entry
+    as linked (a vmlinux's is physical: startup_64), ``segments`` and ``notes`` tuples of Segment
+    and Note, ``pvh_entry`` the XEN_ELFNOTE_PHYS32_ENTRY address or None without a PVH note."""
+
+    __slots__ = ()
 
     @property
     def load_end(self) -> int:

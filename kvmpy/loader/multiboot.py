@@ -29,10 +29,10 @@ import enum
 from dataclasses import dataclass
 from typing import Sequence
 
-from construct import Bytes, Default, Int32ul, Int64ul, Struct
-
+from kvmpy._construct import Bytes, Default, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
-from kvmpy.loader.elf import ELF_MAGIC, ElfImage, Segment
+from kvmpy.loader import ELF_MAGIC
+from kvmpy.loader.elf import ElfImage, Segment
 
 # Multiboot 0.6.96, 3.1.1 "The layout of Multiboot header"
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
@@ -232,7 +232,7 @@ def build_multiboot_info(base_addr: int, *, e820: Sequence, cmdline_addr: int = 
     Layout from ``base_addr``: the 116-byte structure, the mmap (24 bytes an entry: e820 types
     carry over, 3.3), the module entry (if ``initrd_size``), then the module's string and the
     boot loader name as C strings. ``cmdline_addr`` is where the builder put the command line
-    (0: none). ``e820`` is a list of kvmpy.bootparams.E820Entry.
+    (0: none). ``e820`` is a list of kvmpy.bootinfo.E820Entry.
     """
     if base_addr % 4 or base_addr + 4096 > 1 << 32:
         raise ImageError(f"multiboot information at {base_addr:#x} must be 4-aligned and below "

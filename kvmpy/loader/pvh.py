@@ -25,10 +25,9 @@ This module builds bytes; it does not touch guest memory or vCPU registers.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from construct import Default, Int32ul, Int64ul, Struct
-
+from kvmpy._construct import Default, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
 
 # start_info.h: XEN_HVM_START_MAGIC_VALUE ("xEn3" with the 0x80 bit of the "E" set)
@@ -71,7 +70,7 @@ def build_start_info(base_addr: int, *, cmdline_addr: int, e820: Sequence,
 
     Layout from ``base_addr`` (8-aligned): hvm_start_info (56 bytes), then one hvm_modlist_entry
     for the initrd (32 bytes, only if ``initrd_size``), then one hvm_memmap_table_entry per
-    ``e820`` entry (kvmpy.bootparams.E820Entry; types carry over unchanged). ``cmdline_addr`` is
+    ``e820`` entry (kvmpy.bootinfo.E820Entry; types carry over unchanged). ``cmdline_addr`` is
     where the builder put the NUL-terminated command line (0: none). EBX = ``base_addr``.
     """
     if base_addr % 8 or base_addr >= 1 << 32:
