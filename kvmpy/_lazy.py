@@ -1,4 +1,5 @@
-"""Stdlib modules that a third-party import drags in but kvmpy never uses, made lazy.
+"""Stdlib modules that a third-party import drags in but the ``kvmpy`` command never uses, made
+lazy in the command's own process.
 
 Two of kvmpy's chosen dependencies import heavy stdlib modules at import time for features kvmpy
 does not use, and `kvmpy boot`'s time to the guest's first line is measured (benchmarks/boot):
@@ -6,18 +7,20 @@ does not use, and `kvmpy boot`'s time to the guest's first line is measured (ben
 - ``import construct`` runs construct/__init__.py, which imports construct.debug (the Probe and
   Debugger constructs: ``import pdb, inspect``) and construct.core (``import pickle, hashlib``,
   for the Pickled and Compiled constructs). Together that is about 15 ms. construct has no way
-  to leave them out: importing any construct submodule runs the package's __init__ first
-  (kvmpy._construct).
+  to leave them out: importing any construct submodule runs the package's __init__ first.
 - ``import ioctl_opt`` imports ctypes (about 3 ms) for its IOR/IOW helpers, which take ctypes
   types; kvmpy calls only its ``IOC`` (kvmpy.ioctls), which needs no ctypes.
 
-:func:`lazy_modules` registers such modules, before that import, in ``sys.modules`` as lazy
-modules: the real module object, created from the module's own spec as the import system would
-create it, with its code run on the first access to an attribute it does not have yet. Every
-importer gets that one object, so construct's Debugger, any later ``import pdb`` (pytest's --pdb
-included) and ``from inspect import signature`` work unchanged and pay the import cost only then.
-Nothing is ever replaced or removed from ``sys.modules``, and a module that is already imported
-is left alone.
+:func:`defer_for_cli` (called first thing by ``kvmpy.cli.main``) registers such modules, before
+those imports, in ``sys.modules`` as lazy modules: the real module object, created from the
+module's own spec as the import system would create it, with its code run on the first access
+to an attribute it does not have yet. Every importer gets that one object, so construct's
+Debugger, any later ``import pdb`` and ``from inspect import signature`` work unchanged and pay
+the import cost only then. Nothing is ever replaced or removed from ``sys.modules``, and a
+module that is already imported is left alone.
+
+Only the command does this: there kvmpy owns the process. A program that imports kvmpy as a
+library (``kvmpy.VM`` in a test rig, the pytest plugin) keeps its ``sys.modules`` as it is.
 
 Why not the stdlib's ``importlib.util.LazyLoader``: its module loads on *any* attribute access,
 and an ``import pdb`` statement reads ``pdb.__spec__`` (CPython checks whether the module is
@@ -73,3 +76,12 @@ def lazy_modules(*names: str) -> None:
         _locks[name] = _thread.RLock()
         module.__class__ = _LazyModule
         sys.modules[name] = module
+
+
+#: What the command defers: construct's debug/pickle/hash imports and ioctl_opt's ctypes.
+CLI_DEFERRED = ("pdb", "inspect", "traceback", "pickle", "hashlib", "ctypes")
+
+
+def defer_for_cli() -> None:
+    """For the ``kvmpy`` command only (see the module docstring): make CLI_DEFERRED lazy."""
+    lazy_modules(*CLI_DEFERRED)

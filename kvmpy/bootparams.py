@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvmpy._construct import (Array, Bytes, Default, GreedyBytes, Int8ul, Int32ul, Int64ul,
-                              Padding, Struct)
+from construct import (Array, Bytes, Default, GreedyBytes, Int8ul, Int32ul, Int64ul,
+                       Padding, Struct)
 from kvmpy.bootinfo import E820Entry
 from kvmpy.errors import ImageError, KvmpyError
 from kvmpy.loader import BOOT_FLAG, HEADER_MAGIC

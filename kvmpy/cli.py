@@ -232,6 +232,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kvmpy._lazy import defer_for_cli
+
+    defer_for_cli()   # before anything imports construct or ioctl_opt (see kvmpy/_lazy.py)
     if argv is None:
         argv = sys.argv[1:]
     # Only a known subcommand as the first word narrows the parser: `kvmpy`, `kvmpy --help` and

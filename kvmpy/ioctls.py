@@ -6,15 +6,9 @@ those of include/uapi/linux/kvm.h; tests pin them against the header's own macro
 """
 from __future__ import annotations
 
-from kvmpy._lazy import lazy_modules
+from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
 
-# ioctl_opt imports ctypes for IOR/IOW, which kvmpy does not call: ~3 ms of `kvmpy boot`'s
-# startup (benchmarks/boot) unless ctypes stays lazy until something really uses it.
-lazy_modules("ctypes")
-
-from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE  # noqa: E402
-
-from kvmpy._ffi import ffi  # noqa: E402
+from kvmpy._ffi import ffi
 
 KVMIO = 0xAE  # include/uapi/linux/kvm.h: #define KVMIO 0xAE
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 
-from kvmpy._construct import Bytes, Const, Default, Int8ul, Int16ul, Int32ul, Struct
+from construct import Bytes, Const, Default, Int8ul, Int16ul, Int32ul, Struct
 from kvmpy.errors import KvmpyError
 
 # MP spec 4.1: the floating pointer's signature; 4.2: the configuration table's

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from conftest import GUESTS, LIB16
+from conftest import GUESTS, LIB16, pvh_kernel
 
 # Loaded only by the code of a module kept lazy (pdb -> bdb, inspect -> dis, pickle -> _pickle,
 # hashlib -> _hashlib, traceback -> linecache's tokenize, ctypes -> _ctypes) or by dataclasses
@@ -29,21 +29,15 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def pvh_kernel(tmp_path_factory):
-    """tests/guests/pvh32.S linked as tests/test_boot.py::test_pvh_elf_boot links it."""
-    d = tmp_path_factory.mktemp("pvh")
-    (d / "pvh.S").write_text(LIB16 + "\n" + (GUESTS / "pvh32.S").read_text())
-    subprocess.run(["as", "--64", "-o", d / "pvh.o", d / "pvh.S"], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x100000", "-e", "pvh_start",
-                    "-o", d / "vmlinux", d / "pvh.o"], check=True)
-    return d / "vmlinux"
+def pvh_elf(tmp_path_factory):
+    return pvh_kernel("pvh32", tmp_path_factory.mktemp("pvh"))
 
 
-def test_pvh_boot_imports_neither_the_bzimage_loader_nor_construct_debug_deps(pvh_kernel):
+def test_pvh_boot_imports_neither_the_bzimage_loader_nor_construct_debug_deps(pvh_elf):
     p = run_python(f"""
         import sys
         from kvmpy.cli import main
-        status = main(["boot", "--kernel", {str(pvh_kernel)!r}, "--append", "x", "--mem", "64M"])
+        status = main(["boot", "--kernel", {str(pvh_elf)!r}, "--append", "x", "--mem", "64M"])
         print("status", status)
         print("loaded", *[m for m in {NOT_ON_THE_PVH_PATH!r} if m in sys.modules])
         print("construct", "construct" in sys.modules)
@@ -78,8 +72,10 @@ def test_lazy_modules_still_work_in_full():
     and the deferred stdlib modules all work; each loads when first used."""
     p = run_python("""
         import io, sys
-        import kvmpy._construct
-        import kvmpy.ioctls
+        from kvmpy._lazy import defer_for_cli
+        defer_for_cli()                            # what `kvmpy` does first
+        import kvmpy.loader.pvh                    # construct
+        import kvmpy.ioctls                        # ioctl_opt
         lazy = [m for m in ("pdb", "inspect", "traceback", "pickle", "hashlib", "ctypes")
                 if type(sys.modules[m]).__name__ == "_LazyModule"]
         print("lazy", *lazy)
@@ -146,41 +142,12 @@ def test_lazy_modules_leaves_imported_and_missing_modules_alone():
     assert p.stdout.split() == ["True", "False"]
 
 
-def test_kvmpy_imports_construct_only_through_kvmpy_construct():
-    """A direct ``import construct`` before kvmpy._construct would load pdb and inspect."""
-    import pathlib
-    import re
-
-    import kvmpy
-
-    root = pathlib.Path(kvmpy.__file__).parent
-    direct = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "_construct.py"
-              and re.search(r"^\s*(from construct\b|import construct\b)", p.read_text(), re.M)]
-    assert direct == []
-
-
-@pytest.mark.parametrize("argv", [["boot", "--help"], ["run", "--help"], ["trace", "--help"],
-                                  ["trace", "summarize", "--help"], ["doctor", "--help"],
-                                  ["boot"], ["boot", "--kernel", "k", "--cpus", "x"],
-                                  ["boot", "--kernel", "k", "extra"]])
-def test_one_command_parser_reads_as_the_full_one(argv, capsys, monkeypatch):
-    """main() builds only the named subcommand's parser: its help and errors are unchanged."""
-    from kvmpy.cli import build_parser
-
-    monkeypatch.setenv("COLUMNS", "100")
-    results = []
-    for parser in (build_parser(), build_parser(argv[0])):
-        with pytest.raises(SystemExit) as e:
-            parser.parse_args(argv)
-        results.append((e.value.code, *capsys.readouterr()))
-    assert results[0] == results[1]
-    assert results[0][0] == (0 if "--help" in argv else 2)
-
-
-def test_top_level_help_and_unknown_command_list_every_command(kvmpy_cli):
-    p = kvmpy_cli("--help")
-    assert p.returncode == 0
-    for command in ("run", "boot", "image", "up", "demo", "trace", "explain", "doctor"):
-        assert f"    {command} " in p.stdout.decode()
-    p = kvmpy_cli("bogus")
-    assert p.returncode == 2 and "choose from 'run', 'boot', 'image'" in p.stderr.decode()
+def test_a_program_using_kvmpy_as_a_library_keeps_its_modules():
+    """Only the kvmpy command makes stdlib modules lazy; kvmpy.VM's users keep theirs."""
+    p = run_python("""
+        import sys
+        import kvmpy.linux, kvmpy.loader.pvh, kvmpy.loader.bzimage, kvmpy.mptable, kvmpy.ioctls
+        print([m for m, mod in sys.modules.items() if type(mod).__name__ == "_LazyModule"])
+        """)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

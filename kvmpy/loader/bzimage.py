@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import enum
 
-from kvmpy._construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
 from kvmpy.loader import HEADER_MAGIC_OFFSET, has_boot_signature   # (kept there for detect())
 

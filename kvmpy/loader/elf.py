@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import struct
 
-from kvmpy._construct import Int32ul, Struct
+from construct import Int32ul, Struct
 from kvmpy.errors import ImageError
 from kvmpy.loader import ELF_MAGIC
 

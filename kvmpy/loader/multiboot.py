@@ -29,7 +29,7 @@ import enum
 from dataclasses import dataclass
 from typing import Sequence
 
-from kvmpy._construct import Bytes, Default, Int32ul, Int64ul, Struct
+from construct import Bytes, Default, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
 from kvmpy.loader import ELF_MAGIC
 from kvmpy.loader.elf import ElfImage, Segment

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvmpy._construct import Default, Int32ul, Int64ul, Struct
+from construct import Default, Int32ul, Int64ul, Struct
 from kvmpy.errors import ImageError
 
 # start_info.h: XEN_HVM_START_MAGIC_VALUE ("xEn3" with the 0x80 bit of the "E" set)
