@@ -113,7 +113,7 @@ def _common(sp) -> None:
                     "instruction until gdb connects and continues (implies --gdb tcp::1234)")
     sp.add_argument("--symbols", metavar="FILE", help="System.map or ELF with symbols: name "
                     "RIPs in --trace (default: the kernel's own symbols when it is an ELF "
-                    "that has them)")
+                    "that has them; with a bzImage, boot adds nokaslr to the command line)")
 
 
 def _add_run(sub) -> None:
@@ -388,8 +388,10 @@ def _boot(args) -> int:
     from kvmpy.builder import stdout_sink
     from kvmpy.linux import DEFAULT_CMDLINE, DEFAULT_MEM, LinuxConfig, build_linux
     tracer, trace_file = _open_tracer(args)
-    cfg = LinuxConfig(args.kernel, args.initrd,
-                      DEFAULT_CMDLINE if args.append is None else args.append,
+    cmdline = DEFAULT_CMDLINE if args.append is None else args.append
+    if getattr(args, "symbols", None) and args.trace and not args.fast_boot:
+        cmdline = _without_kaslr(args.kernel, cmdline)
+    cfg = LinuxConfig(args.kernel, args.initrd, cmdline,
                       mem_size=args.mem or DEFAULT_MEM, cpus=args.cpus, fast_boot=args.fast_boot,
                       kvm_path=args.kvm, console_sink=stdout_sink(), tracer=tracer,
                       devices=args.devices, transport=args.transport or "pci")
@@ -400,6 +402,26 @@ def _boot(args) -> int:
                 print(f"kvmpy: {note}", file=sys.stderr)
 
     return _run_machine(lambda: build_linux(cfg), cfg.cpus, args, tracer, trace_file, notes)
+
+
+def _without_kaslr(kernel: str, cmdline: str) -> str:
+    """A bzImage's own decompressor moves the kernel to a random address (KASLR), and the RIPs
+    in a trace would then match no symbol of the System.map given with --symbols: ask it not to
+    (``nokaslr``) unless the command line says otherwise. (--fast-boot and ELF kernels are
+    entered where they are linked: no decompressor, no KASLR.)"""
+    words = cmdline.split()
+    if "nokaslr" in words or "kaslr" in words:
+        return cmdline
+    try:
+        with open(kernel, "rb") as f:
+            head = f.read(0x206)
+    except OSError:
+        return cmdline          # build_linux reports the unreadable kernel
+    if head[0x202:0x206] != b"HdrS":   # Documentation/arch/x86/boot.rst: the setup header magic
+        return cmdline
+    print("kvmpy: --symbols with a bzImage: adding nokaslr to the command line so that traced "
+          "RIPs match the symbols", file=sys.stderr)
+    return f"{cmdline} nokaslr"
 
 
 def print_stats(machine, outcome, out=sys.stderr) -> None:

@@ -167,3 +167,20 @@ def test_smp_ap_started_by_the_guest_with_init_sipi(tmp_path):
     one = run_kvmpy("boot", "--kernel", vmlinux, "--mem", "64M")
     assert one.returncode == 0x23                                 # --cpus 1: nobody answers
     assert one.stdout.decode().splitlines()[-1] == "ap:timeout"
+
+
+def test_symbols_with_a_bzimage_turn_kaslr_off(zp_kernel, tmp_path):
+    # A System.map only names traced RIPs if the decompressor did not move the kernel (KASLR).
+    smap = tmp_path / "System.map"
+    smap.write_text("ffffffff81000000 T _text\nffffffff81000200 T startup_64\n")
+    trace = tmp_path / "t.jsonl"
+    p = run_kvmpy("boot", "--kernel", str(zp_kernel), "--append", "quiet", "--trace", str(trace),
+                  "--symbols", str(smap))
+    assert p.returncode == 0x21, p.stderr
+    assert parse(p.stdout)["cmdline"] == "quiet nokaslr"
+    assert b"adding nokaslr" in p.stderr
+    p = run_kvmpy("boot", "--kernel", str(zp_kernel), "--append", "kaslr", "--trace",
+                  str(trace), "--symbols", str(smap))                 # the user's choice stands
+    assert parse(p.stdout)["cmdline"] == "kaslr" and b"nokaslr" not in p.stderr
+    p = run_kvmpy("boot", "--kernel", str(zp_kernel), "--append", "quiet")   # no symbols
+    assert parse(p.stdout)["cmdline"] == "quiet"
