@@ -38,7 +38,6 @@ import random
 import statistics
 import struct
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
