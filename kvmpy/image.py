@@ -126,6 +126,10 @@ load() {
 
 hostname kvmpy
 ip link set lo up
+# From here on only kernel errors (and panics) reach the console: informational messages, such
+# as the one exec'ing init prints, would land in the middle of the banner or the shell's lines
+# (`dmesg` still has them all).
+dmesg -n 4
 echo "kvmpy guest: Linux $(uname -r) up, $(nproc) CPUs"
 exec /sbin/init
 """
