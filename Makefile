@@ -9,10 +9,10 @@ STAMP := $(VENV)/.kvmpy-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages kvmpy needs (installed by `deps` when missing): a C compiler and <linux/kvm.h>
 # for the cffi extension, binutils (as, ld) for guests, cpio (tests read initramfs archives back),
-# libslirp0 (--net user),
-# venv support for the virtualenv.
+# libslirp0 (--net user), qemu-system-x86 (the hwvirt tests' nested run on software-KVM hosts),
+# e2fsprogs (mkfs.ext4/debugfs for the virtio-blk hwvirt test), venv support for the virtualenv.
 
-.PHONY: all run demo guest test build deps bench clean doctor
+.PHONY: all run demo guest test test-nested build deps bench clean doctor
 
 all: build
 
@@ -30,8 +30,15 @@ demo: build
 doctor: build
 	$(VENV)/bin/kvmpy doctor
 
+# The suite, then, on a host whose KVM cannot boot Linux (software KVM such as PVM), the hwvirt
+# tests it skipped: run for real inside a QEMU TCG VM that emulates AMD SVM (a few minutes).
 test: build
 	$(PY) -m pytest -q -ra tests
+	$(PY) tests/nested/hwvirt_in_qemu.py --if-needed
+
+# Only the nested hwvirt run (tests/nested/hwvirt_in_qemu.py), whatever the host.
+test-nested: build
+	$(PY) tests/nested/hwvirt_in_qemu.py
 
 # System packages: only installed when something is missing (so CI and developers with them
 # already present need no root).
@@ -42,6 +49,8 @@ deps:
 	[ -f /usr/include/linux/kvm.h ] || missing="$$missing linux-libc-dev"; \
 	command -v cpio >/dev/null || missing="$$missing cpio"; \
 	ldconfig -p 2>/dev/null | grep -q libslirp.so.0 || missing="$$missing libslirp0"; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || missing="$$missing e2fsprogs"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

@@ -12,6 +12,14 @@ import pytest
 from kvmpy.asm import assemble
 
 GUESTS = Path(__file__).parent / "guests"
+# Real-Linux (hwvirt) tests multiply their timeouts by this: tests/nested/hwvirt_in_qemu.py runs
+# them under emulation, ~20-40x slower than on VT-x/AMD-V hardware.
+TIME_SCALE = float(os.environ.get("KVMPY_TEST_TIME_SCALE", "1"))
+
+
+def T(seconds: float) -> float:
+    """``seconds`` of a hwvirt test's timeout, scaled by KVMPY_TEST_TIME_SCALE."""
+    return seconds * TIME_SCALE
 LIB16 = (GUESTS / "lib16.inc").read_text()
 
 

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import kvmpy
+from conftest import T
 
 pytestmark = pytest.mark.hwvirt
 PROMPT = rb"kvmpy:[^\n]*[#$] "
@@ -22,7 +23,7 @@ def guest(tmp_path_factory):
 
 def sh(vm, cmd, expect, timeout=30):
     vm.console.sendline(cmd)
-    return vm.console.expect(expect, timeout=timeout)
+    return vm.console.expect(expect, timeout=T(timeout))
 
 
 def test_blk_ext4_rng_and_user_net(guest, tmp_path):
@@ -42,8 +43,8 @@ def test_blk_ext4_rng_and_user_net(guest, tmp_path):
     try:
         with kvmpy.VM(kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline,
                       mem="512M", disks=[str(disk)], nets=["user"], rng=True,
-                      timeout=240) as vm:
-            vm.console.expect(PROMPT, timeout=120)
+                      timeout=T(240)) as vm:
+            vm.console.expect(PROMPT, timeout=T(120))
             sh(vm, "mkdir -p /mnt && mount /dev/vda /mnt && echo mounted", rb"\nmounted")
             sh(vm, "echo kvmpy-was-here > /mnt/f && sync && cat /mnt/f", rb"kvmpy-was-here")
             sh(vm, "umount /mnt && echo done", rb"\ndone")
@@ -51,7 +52,7 @@ def test_blk_ext4_rng_and_user_net(guest, tmp_path):
             sh(vm, f"wget -q -O - http://10.0.2.2:{port}/hello.txt", rb"served by the host")
             sh(vm, "head -c 16 /dev/hwrng | hexdump | head -1", rb"0000000 ")
             vm.console.sendline("reboot")
-            assert vm.wait(60).status == 0
+            assert vm.wait(T(60)).status == 0
     finally:
         server.shutdown()
     out = subprocess.run(["debugfs", "-R", "cat /f", str(disk)], capture_output=True, text=True)
