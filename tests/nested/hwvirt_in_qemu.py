@@ -66,7 +66,6 @@ mount --bind /dev /host/dev
 mount -t devpts devpts /host/dev/pts 2>/dev/null
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
-mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
 echo "L1: running $cmd"
 chroot /host /usr/bin/env HOME=/root TERM=dumb \
@@ -124,10 +123,11 @@ def main(argv: list[str]) -> int:
     kernel, initrd = build_l1_initramfs()
     scale = os.environ.get("KVMPY_TEST_TIME_SCALE", "4")
     pytest_args = argv or ["-m", "hwvirt", *DEFAULT_TESTS]
-    # The command file lives outside /tmp: L1 mounts a fresh tmpfs there.
+    # The tests' temporary files (disk images, the guest's initramfs) go to a tmpfs in L1
+    # (/run there), not over 9p; the checkout itself may be anywhere, /tmp included.
     with tempfile.NamedTemporaryFile("w", dir=CACHE, suffix=".sh", delete=False) as f:
-        f.write(f"cd {shlex.quote(ROOT)} && PYTHONDONTWRITEBYTECODE=1 "
-                f"KVMPY_TEST_TIME_SCALE={shlex.quote(scale)} "
+        f.write(f"mkdir -p /run/tmp && cd {shlex.quote(ROOT)} && PYTHONDONTWRITEBYTECODE=1 "
+                f"TMPDIR=/run/tmp KVMPY_TEST_TIME_SCALE={shlex.quote(scale)} "
                 f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider -q -rA "
                 f"{' '.join(shlex.quote(a) for a in pytest_args)}\n")
         script = f.name
