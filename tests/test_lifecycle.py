@@ -74,3 +74,23 @@ def test_pause_and_resume_a_spinning_guest(build_guest):
         m.console.feed(b"q")
         assert m.wait(10).status == 0x21
     assert b"".join(out) == b"q"
+
+
+def test_a_vcpu_that_fails_its_setup_does_not_strand_the_others(build_guest):
+    # vCPUs wait for each other before running (so an AP exists when the BSP sends INIT/SIPI);
+    # one whose setup fails must release the rest, and the VM ends with its error.
+    import time
+
+    from kvmpy.errors import KvmpyError
+
+    with build_flat(FlatConfig(build_guest("spin"), Mode.REAL)) as m:
+        def setup(vcpu):
+            if vcpu.id == 1:
+                raise KvmpyError("setup of vCPU 1 failed")
+            m.setup(vcpu)
+        t0 = time.monotonic()
+        m.start(setup, 2)
+        outcome = m.wait(10)
+        assert outcome.reason.value == "vmm-error" and "vCPU 1" in outcome.detail
+        assert time.monotonic() - t0 < 5
+    assert not [t for t in threading.enumerate() if t.name.startswith("kvmpy-vcpu")]

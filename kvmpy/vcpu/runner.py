@@ -95,7 +95,11 @@ class VcpuThread:
     def _main(self) -> None:
         outcome = None
         try:
-            vcpu = self.vm.create_vcpu(self.vcpu_id)
+            try:
+                vcpu = self.vm.create_vcpu(self.vcpu_id)
+            except BaseException:
+                self._abort_start()
+                raise
             with self._lock:
                 self.vcpu = vcpu
                 if self._stopping or self._requests:   # asked for before the vCPU existed
@@ -103,22 +107,11 @@ class VcpuThread:
             try:
                 try:
                     self.setup(vcpu)
+                    go = self._all_ready()
                 except BaseException:
-                    if self.all_set_up is not None:
-                        self.all_set_up.abort()   # the others must not wait for this one
+                    self._abort_start()
                     raise
-                if self.all_set_up is not None:
-                    # No vCPU runs before every vCPU exists and is set up: an INIT/SIPI that
-                    # the BSP sends to an AP not yet created (or whose LAPIC its setup is still
-                    # writing) would be lost. QEMU and Firecracker create all vCPUs first too.
-                    try:
-                        self.all_set_up.wait()
-                    except threading.BrokenBarrierError:   # another failed, or a stop
-                        outcome = None
-                    else:
-                        outcome = run_loop(vcpu, self.dispatcher, lambda: self._stopping,
-                                           self._run_requests)
-                else:
+                if go:
                     outcome = run_loop(vcpu, self.dispatcher, lambda: self._stopping,
                                        self._run_requests)
             finally:
@@ -137,6 +130,24 @@ class VcpuThread:
                               f"internal error in kvmpy: {type(e).__name__}: {e}")
         self.outcome = outcome
         self.on_exit(outcome)
+
+    def _all_ready(self) -> bool:
+        """Wait until every vCPU of the machine exists and is set up; False if one failed or
+        the machine stopped meanwhile. No vCPU runs before: an INIT/SIPI that the BSP sends to
+        an AP not yet created (or whose LAPIC its setup is still writing) would be lost. QEMU
+        and Firecracker create all vCPUs before running any too."""
+        if self.all_set_up is None:
+            return True
+        try:
+            self.all_set_up.wait()
+        except threading.BrokenBarrierError:
+            return False
+        return True
+
+    def _abort_start(self) -> None:
+        """This vCPU will not run: the others must not wait for it."""
+        if self.all_set_up is not None:
+            self.all_set_up.abort()
 
     def _run_requests(self, vcpu) -> Outcome | None:
         with self._lock:
