@@ -35,15 +35,28 @@ def test_a_reused_fd_number_is_watched_again():
 
 
 def test_send_cost_does_not_grow_with_open_sockets():
+    # As in a VM, frames are sent from the thread that also serves the backend (the net
+    # device's I/O thread): a batch of sends, then one service pass (the poll-set refill that
+    # costs O(sockets), once per wakeup). A ratio within one run, not an absolute time: a frame
+    # with 2000 flows open against one with a single flow. Work per open socket and frame (a
+    # refill per send) would make it hundreds of times larger.
     with SlirpBackend() as b:
         Guest(b)
-        b.run_in_thread()
+        (fd, serve), = b.fds()
         frame = lambda p: eth(SLIRP_MAC, GUEST_MAC, ETH_IP,  # noqa: E731
                               udp(GUEST_IP, HOST_IP, p, 9, b"x"))
-        for p in range(2000):                     # 2000 guest UDP flows = 2000 host sockets
+
+        def per_frame(n=500):
+            t = time.monotonic()
+            for _ in range(n):
+                b.send(frame(10000))
+            serve()
+            return (time.monotonic() - t) / n
+        b.send(frame(10000))
+        serve()
+        alone = min(per_frame() for _ in range(3))
+        for p in range(1, 2000):                  # 2000 guest UDP flows = 2000 host sockets
             b.send(frame(10000 + p))
-        t = time.monotonic()
-        for _ in range(500):
-            b.send(frame(10000))
-        per_frame = (time.monotonic() - t) / 500
-        assert per_frame < 0.001, f"{per_frame * 1e6:.0f} us per frame"
+        serve()
+        loaded = min(per_frame() for _ in range(3))
+        assert loaded < 5 * alone, f"{loaded * 1e6:.0f} us per frame, {alone * 1e6:.0f} alone"
