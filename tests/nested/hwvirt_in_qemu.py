@@ -45,6 +45,7 @@ CACHE = os.path.join(os.environ.get("KVMPY_CACHE", os.path.expanduser("~/.cache/
 L1_MODULES = ["kvm_amd", "virtio_pci", "9pnet_virtio", "9p"]
 DEFAULT_TESTS = ["tests/test_linux_hwvirt.py", "tests/test_virtio_hwvirt.py"]
 STATUS_RE = re.compile(rb"L1: command exit status (\d+)")
+LIMIT_S = 1800                  # the whole nested run; it takes ~4-5 minutes on 2 cores
 
 # L1's /init: mount the basics, load the modules, mount the host's root over 9p and run the
 # command file named on the kernel command line (nested.cmd=) in a chroot of it, then power off.
@@ -131,7 +132,9 @@ def main(argv: list[str]) -> int:
                 f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider -q -rA "
                 f"{' '.join(shlex.quote(a) for a in pytest_args)}\n")
         script = f.name
-    cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "6G",
+    # A bound on the whole run, so that a hang inside L1 ends CI with a failure, not never.
+    cmd = ["timeout", "-k", "10", str(LIMIT_S),
+           qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "6G",
            "-M", "q35", "-nographic", "-no-reboot", "-nic", "none",
            "-kernel", kernel, "-initrd", initrd,
            "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 nested.cmd={script}",
@@ -149,6 +152,9 @@ def main(argv: list[str]) -> int:
                     status = int(m.group(1))
     finally:
         os.unlink(script)
+    if status == 3:
+        print(f"hwvirt_in_qemu: L1 did not report the tests' status (a hang past {LIMIT_S} s, or "
+              "no /dev/kvm in L1: see the log above)", file=sys.stderr)
     return status
 
 
