@@ -42,14 +42,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))   # the tests' guest driver
+sys.path.insert(0, os.path.join(HERE, ".."))                  # virtio_rig
 
-from kvmpy.kvm import Kvm                                      # noqa: E402
-from kvmpy.memory import GuestMemory                           # noqa: E402
 from kvmpy.virtio.blk import VirtioBlk                         # noqa: E402
-from kvmpy.virtio.iothread import IoThread                     # noqa: E402
-from kvmpy.virtio.mmio import MMIO_BASE, VirtioMmio            # noqa: E402
-from kvmpy.vmexit.bus import MmioBus                           # noqa: E402
-from virtio_driver import F_VERSION_1, NEXT, WRITE, MmioDriver, Regs   # noqa: E402
+from virtio_driver import NEXT, WRITE                          # noqa: E402
+from virtio_rig import VirtioRig                                 # noqa: E402
 
 BLOCK = 4096
 DISK = 256 << 20
@@ -155,34 +152,10 @@ def run_inline(path: str, offs: list[int], depth: int = 32) -> float:
 
 
 # -- kvmpy ------------------------------------------------------------------------------------
-class EventfdIrq:
-    """The transport's interrupt line: an eventfd the driver waits on (level 0 is a no-op, as
-    for IrqFd on an edge-triggered line)."""
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
-
-    def __call__(self, level: int) -> None:
-        if level:
-            os.eventfd_write(self.fd, 1)
-
-
-class Rig:
+class Rig(VirtioRig):
     def __init__(self, path: str, depth: int, poll: bool, direct: bool = False):
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
-        self.mem = GuestMemory([(0, MEM)])
-        self.mem.register(self.vm)
-        self.io = IoThread(name="virtio-io").start()
-        self.irq = EventfdIrq()
-        self.dev = VirtioBlk(self.mem, path, ro=True)
-        self.transport = VirtioMmio(self.dev, irq=self.irq)
-        self.bus = MmioBus()
-        self.bus.insert(self.transport, MMIO_BASE)
-        self.drv = MmioDriver(self.mem, Regs(self.bus, MMIO_BASE), area=(0x10000, MEM))
-        self.drv.init(want=F_VERSION_1)          # no EVENT_IDX, no INDIRECT: plain split ring
-        if not direct:   # --direct: no ioeventfd, the notify runs the queue in this thread
-            self.transport.attach_ioeventfds(self.vm, MMIO_BASE, self.io)
+        # --direct: no ioeventfd, the notify runs the queue in this thread
+        super().__init__(lambda mem: VirtioBlk(mem, path, ro=True), MEM, ioeventfds=not direct)
         self.vq = self.drv.queues[0]
         self.depth, self.poll = depth, poll
         assert 3 * depth <= self.vq.size
@@ -242,15 +215,6 @@ class Rig:
                 f.seek(off)
                 if self.mem.read(data, BLOCK) != f.read(BLOCK):
                     raise SystemExit("data mismatch")
-
-    def close(self) -> None:
-        self.transport.close()
-        self.io.close()
-        os.close(self.irq.fd)
-        self.mem.close()
-        self.vm.close()
-        self.kvm.close()
-
 
 def profile_iothread(rig: Rig, offs: list[int], driver: bool) -> None:
     prof = cProfile.Profile()

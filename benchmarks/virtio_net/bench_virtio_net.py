@@ -54,15 +54,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))   # the tests' guest driver, frames
+sys.path.insert(0, os.path.join(HERE, ".."))                  # virtio_rig
 
-from kvmpy.kvm import Kvm                                      # noqa: E402
-from kvmpy.memory import GuestMemory                           # noqa: E402
-from kvmpy.virtio.iothread import IoThread                     # noqa: E402
-from kvmpy.virtio.mmio import MMIO_BASE, VirtioMmio            # noqa: E402
 from kvmpy.virtio.net import HDR_LEN, VirtioNet                # noqa: E402
-from kvmpy.vmexit.bus import MmioBus                           # noqa: E402
 from test_net_frames import ETH_IP, GUEST_MAC, eth, udp        # noqa: E402
-from virtio_driver import F_VERSION_1, NEXT, MmioDriver, Regs  # noqa: E402
+from virtio_driver import NEXT                                 # noqa: E402
+from virtio_rig import VirtioRig                                 # noqa: E402
 
 MEM = 16 << 20
 PAYLOAD = 1472                     # 1500 MTU - 20 IPv4 - 8 UDP
@@ -193,31 +190,10 @@ def make_tap(name: str):
 
 
 # -- kvmpy ------------------------------------------------------------------------------------
-class EventfdIrq:
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
-
-    def __call__(self, level: int) -> None:
-        if level:
-            os.eventfd_write(self.fd, 1)
-
-
-class Rig:
+class Rig(VirtioRig):
     def __init__(self, backend, frame: bytes, depth: int):
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
-        self.mem = GuestMemory([(0, MEM)])
-        self.mem.register(self.vm)
-        self.io = IoThread(name="virtio-io").start()
-        self.irq = EventfdIrq()
         self.backend = backend
-        self.dev = VirtioNet(self.mem, backend, mac=GUEST_MAC)
-        self.transport = VirtioMmio(self.dev, irq=self.irq)
-        self.bus = MmioBus()
-        self.bus.insert(self.transport, MMIO_BASE)
-        self.drv = MmioDriver(self.mem, Regs(self.bus, MMIO_BASE), area=(0x10000, MEM))
-        self.drv.init(want=F_VERSION_1, queues=2)   # no EVENT_IDX, no INDIRECT, no offloads
-        self.transport.attach_ioeventfds(self.vm, MMIO_BASE, self.io)
+        super().__init__(lambda mem: VirtioNet(mem, backend, mac=GUEST_MAC), MEM, queues=2)
         self.backend_fds = [fd for fd, _ in backend.fds()]
         for fd, cb in backend.fds():                  # as netsetup.attach_backend
             self.io.add_reader(fd, cb)
@@ -266,13 +242,7 @@ class Rig:
     def close(self) -> None:
         for fd in self.backend_fds:
             self.io.remove_reader(fd)
-        self.transport.close()
-        self.io.close()
-        self.dev.close()             # closes the backend
-        os.close(self.irq.fd)
-        self.mem.close()
-        self.vm.close()
-        self.kvm.close()
+        super().close()
 
 
 def profile_rig(rig: Rig, n: int, label: str) -> None:
