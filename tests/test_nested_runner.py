@@ -1,6 +1,6 @@
-"""tests/nested/hwvirt_in_qemu.py's decision in `make test`: run the hwvirt tests under nested
-SVM only where this host's KVM cannot boot Linux itself. (The nested run itself is `make test`'s
-second step; it is not run from here.)"""
+"""tests/nested/hwvirt_in_qemu.py's --if-needed decision (`make test-nested`): run the hwvirt
+tests under nested SVM only where this host's KVM cannot boot Linux itself. (The nested run
+itself is not started from here.)"""
 import sys
 from pathlib import Path
 

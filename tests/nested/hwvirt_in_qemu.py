@@ -15,12 +15,11 @@ kvmpy's side against a real kernel; KVM's here is the L1 kernel's kvm_amd runnin
 emulated SVM, whose own gaps show up as such (e.g. XSETBV is not intercepted, so the L2 kernel
 warns about an XSAVE size mismatch; QEMU with -enable-kvm in L1 shows the same).
 
-    make test-nested                      # = .venv/bin/python tests/nested/hwvirt_in_qemu.py
-    .venv/bin/python tests/nested/hwvirt_in_qemu.py -k panic     # extra pytest arguments
-    .venv/bin/python tests/nested/hwvirt_in_qemu.py --if-needed  # what `make test` runs: only
-                                                                 # where the KVM is software
+    make test-nested          # = .venv/bin/python tests/nested/hwvirt_in_qemu.py --if-needed
+    .venv/bin/python tests/nested/hwvirt_in_qemu.py -k panic     # always; extra pytest args
 
-Needs qemu-system-x86_64 (`make test-nested` installs it when missing) and about 6 GiB of RAM.
+Needs qemu-system-x86_64 (`make deps` installs it when missing) and about 6 GiB of RAM. Not in
+`make test`: one run in seven hung inside L1 (QEMU busy, no output for 17 minutes).
 The exit status is pytest's inside L1 (or 3 if L1 never ran it).
 """
 from __future__ import annotations
@@ -106,7 +105,7 @@ def build_l1_initramfs() -> tuple[str, str]:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--if-needed"]:
-        # `make test`: where this host's KVM boots Linux itself, the hwvirt tests already ran.
+        # `make test-nested`: where this host's KVM boots Linux itself, the suite ran them.
         from kvmpy.doctor import can_boot_linux, kvm_flavour
 
         kind, desc = kvm_flavour()
