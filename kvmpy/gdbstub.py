@@ -517,6 +517,10 @@ class GdbStub:
                 spoke = True
                 self._request_stop(b"T02thread:01;", 0)   # gdb expects a stopped target
         buf = bytearray()
+        # poll, not select: select() cannot watch an fd numbered 1024 or more, and a VM whose
+        # guest holds hundreds of slirp sockets gets the debugger's connection above that.
+        poller = select.poll()
+        poller.register(conn, select.POLLIN)
         while not self._closing.is_set():
             if self._vm_done():
                 # the guest ended: tell gdb if it waits for a stop, then hang up
@@ -525,8 +529,7 @@ class GdbStub:
                 if awaiting and not self._killed:
                     self._send(self._exit_reply())
                 return spoke
-            r, _, _ = select.select([conn], [], [], 0.1)
-            if not r:
+            if not poller.poll(100):
                 if spoke:
                     self._rekick()
                 continue

@@ -636,3 +636,32 @@ def test_a_port_probe_does_not_end_the_wait(machine_factory):
         assert "gdb" in m.wait(10).detail
     finally:
         c.close()
+
+
+@needs_kvm
+def test_a_connection_on_a_high_fd_number(machine_factory):
+    # select() cannot watch fds >= 1024 (FD_SETSIZE); a guest with hundreds of slirp sockets
+    # pushes the debugger's connection up there. The stub must serve it all the same.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1040:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        m, stub = machine_factory(wait=True)
+        c = Client(stub.port)
+        try:
+            assert c.send(b"?") == b"T05thread:01;"
+            c.send(b"k", reply=False)
+            assert "gdb" in m.wait(10).detail
+        finally:
+            c.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -15,6 +15,16 @@ inside those calls. Its file descriptors change as connections come and go, so a
 that may change them the backend runs ``slirp_pollfds_fill`` and mirrors the result (with
 POLLOUT where slirp wants it) in its private epoll set; slirp's timeouts and its timers (kept
 in Python) arm a timerfd in the same set. The I/O thread therefore needs only ``add_reader``.
+
+The guest is hostile, and libslirp opens a host socket for every flow the guest starts (a UDP
+source port, a TCP SYN, an ICMP echo) with no limit of its own: a guest could use up the VMM's
+file descriptors (and with them every later open, eventfd or accept of the process). The
+backend counts slirp's sockets exactly (libslirp announces each one through
+``register_poll_fd`` and each close through ``unregister_poll_fd``) and, while ``max_sockets``
+are open, refuses frames that would open another: a new TCP connection gets a RST (the guest
+sees "connection refused" at once instead of retrying for minutes), a UDP datagram from a new
+source port and an ICMP echo to the outside are dropped. Flows that already have a socket keep
+working. Counted in ``flows_refused``.
 """
 from __future__ import annotations
 
@@ -128,6 +138,16 @@ CLOCK_MONOTONIC = 1
 TFD_NONBLOCK = os.O_NONBLOCK
 TFD_CLOEXEC = os.O_CLOEXEC
 MAX_FRAME = 65536 + 14
+# Host sockets one guest may hold open through slirp. QEMU and libslirp have no limit; 512 is
+# far above what a guest's normal traffic holds at once and well under the usual soft
+# RLIMIT_NOFILE of 1024, which the rest of the VMM shares.
+MAX_SOCKETS = 512
+
+ETH_P_IP = 0x0800                # IEEE 802 ethertype of IPv4
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10    # RFC 9293 3.1 control bits
+BOOTP_SERVER_PORT = 67           # RFC 951: slirp answers DHCP itself, no socket
+ICMP_ECHO = 8                    # RFC 792
 
 ffi = FFI()
 ffi.cdef(CDEF)
@@ -183,7 +203,7 @@ class SlirpBackend(Backend):
                  host: str = "10.0.2.2", dhcp_start: str = "10.0.2.15", dns: str = "10.0.2.3",
                  hostname: str | None = None, restricted: bool = False,
                  host_loopback: bool = True, mtu: int = 1500,
-                 rx_queue_max: int = RX_QUEUE_MAX):
+                 rx_queue_max: int = RX_QUEUE_MAX, max_sockets: int = MAX_SOCKETS):
         lib = load()
         super().__init__(rx_queue_max)
         self._lock = threading.RLock()
@@ -200,6 +220,11 @@ class SlirpBackend(Backend):
         self._registered_paused = False
         self.guest_errors: list[str] = []
         self.guest_error_count = 0
+        self.max_sockets = max(1, int(max_sockets))
+        self.flows_refused = 0
+        self._sockets: dict[int, tuple | None] = {}   # fd -> the guest flow that opened it
+        self._flows: dict[tuple, int] = {}           # guest flow -> fd
+        self._opening: tuple | None = None           # the flow of the frame slirp is reading
         try:
             self._timerfd = _libc.timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
             if self._timerfd < 0:
@@ -232,6 +257,10 @@ class SlirpBackend(Backend):
                     raise KvmpyError("user networking: libslirp refused its configuration "
                                      f"(net {net}/{netmask}, host {host}, dhcp {dhcp_start}, "
                                      f"dns {dns})")
+                # libslirp reads its clock ("curtime") only in slirp_pollfds_poll, and a UDP
+                # socket opened before the first poll expires 240 s after time 0, that is at
+                # once: one poll with select_error set (timers only, no sockets) sets it.
+                lib.slirp_pollfds_poll(self._slirp, 1, self._get_revents_cb, ffi.NULL)
                 self.guest_addr = dhcp_start
                 for fwd in hostfwd:
                     self.add_hostfwd(*fwd)
@@ -303,11 +332,22 @@ class SlirpBackend(Backend):
             t[2] = int(expire_ms)
 
     def _cb_poll_fd(self, fd, opaque):
-        pass     # the fds come from slirp_pollfds_fill, after every call that may change them
+        # A new slirp socket. Which fds to poll comes from slirp_pollfds_fill; this only counts.
+        old = self._sockets.get(fd)
+        if old is not None:
+            self._flows.pop(old, None)
+        flow = self._opening
+        self._sockets[fd] = flow
+        if flow is not None:
+            self._flows[flow] = fd
 
     def _cb_unregister_poll_fd(self, fd, opaque):
         # libslirp calls this just before it closes fd; forget it now, or a new socket that
         # gets the same number with the same mask would never be added to the epoll set.
+        if fd in self._sockets:
+            flow = self._sockets.pop(fd)
+            if flow is not None and self._flows.get(flow) == fd:
+                del self._flows[flow]
         if self._registered.pop(fd, None) is not None:
             try:
                 self._epoll.unregister(fd)
@@ -333,11 +373,24 @@ class SlirpBackend(Backend):
         if self._closed or not 14 <= len(frame) <= MAX_FRAME:
             self.tx_dropped += 1
             return
+        flow = _new_flow(frame)
         with self._lock:
             if self._slirp == ffi.NULL:
                 self.tx_dropped += 1
                 return
-            self._lib.slirp_input(self._slirp, frame, len(frame))
+            if flow is not None and flow not in self._flows:
+                if len(self._sockets) >= self.max_sockets:
+                    self.flows_refused += 1
+                    self.tx_dropped += 1
+                    if flow[0] == IPPROTO_TCP:
+                        self._enqueue(_tcp_refusal(frame))
+                        self._wake()
+                    return
+                self._opening = flow
+            try:
+                self._lib.slirp_input(self._slirp, frame, len(frame))
+            finally:
+                self._opening = None
             self.tx_frames += 1
         # The I/O thread refills the poll set (sockets this frame opened) and delivers replies
         # once per wakeup, not once per frame: slirp_pollfds_fill costs O(sockets).
@@ -375,6 +428,8 @@ class SlirpBackend(Backend):
                 self._slirp = ffi.NULL
             self._timers.clear()
             self._registered.clear()
+            self._sockets.clear()
+            self._flows.clear()
             self._pollfds = []
             if self._timerfd >= 0:
                 os.close(self._timerfd)
@@ -469,6 +524,59 @@ class SlirpBackend(Backend):
         if _libc.timerfd_settime(self._timerfd, 0, spec, ffi.NULL) < 0:
             self._error(f"timerfd_settime: {os.strerror(ffi.errno)}")
         self._armed = d
+
+
+def _new_flow(frame: bytes) -> tuple | None:
+    """The guest flow a frame may open a host socket for, or None for frames that never do
+    (ARP, DHCP, TCP segments other than a SYN, non-first fragments, ...). UDP flows are keyed by
+    the guest's source address and port, as libslirp's udp_input looks its sockets up; TCP by
+    the 4-tuple; each ICMP echo gets its own socket in libslirp, so it has no key to reuse."""
+    if len(frame) < 34 or frame[12] != ETH_P_IP >> 8 or frame[13] != ETH_P_IP & 0xFF:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    proto = frame[23]
+    if ihl < 20 or (frame[20] & 0x1F) or frame[21]:      # a later fragment: no L4 header
+        return None
+    l4 = 14 + ihl
+    if proto == IPPROTO_TCP:
+        if len(frame) < l4 + 14 or (frame[l4 + 13] & (TCP_SYN | TCP_ACK | TCP_RST)) != TCP_SYN:
+            return None
+        return (IPPROTO_TCP, frame[26:34], frame[l4:l4 + 4])
+    if proto == IPPROTO_UDP:
+        if len(frame) < l4 + 4 or frame[l4 + 2:l4 + 4] == BOOTP_SERVER_PORT.to_bytes(2, "big"):
+            return None
+        return (IPPROTO_UDP, frame[26:30], frame[l4:l4 + 2])
+    if proto == IPPROTO_ICMP:
+        if len(frame) < l4 + 1 or frame[l4] != ICMP_ECHO:
+            return None
+        return (IPPROTO_ICMP, frame[26:34], frame[l4:l4 + 8])
+    return None
+
+
+def _csum(data: bytes) -> int:
+    """RFC 1071 Internet checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _tcp_refusal(syn: bytes) -> bytes:
+    """The RST|ACK a closed port answers a SYN with (RFC 9293 3.10.7.1), from the address and
+    MAC the guest sent the SYN to."""
+    l4 = 14 + (syn[14] & 0x0F) * 4
+    src, dst = syn[30:34], syn[26:30]
+    sport, dport, seq = struct.unpack_from("!HHI", syn, l4)
+    tcp = struct.pack("!HHIIBBHHH", dport, sport, 0, (seq + 1) & 0xFFFFFFFF, 5 << 4,
+                      TCP_RST | TCP_ACK, 0, 0, 0)
+    pseudo = src + dst + struct.pack("!BBH", 0, IPPROTO_TCP, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, IPPROTO_TCP, 0, src,
+                     dst)
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    return syn[6:12] + syn[0:6] + syn[12:14] + ip + tcp
 
 
 def _to_poll(ev: int) -> int:
