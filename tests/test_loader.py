@@ -58,7 +58,9 @@ def kconfig(debian) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def vmlinux_path(bz, tmp_path_factory) -> str:
-    return cached_vmlinux(bz, str(tmp_path_factory.mktemp("vmlinux-cache")))
+    path, cached = cached_vmlinux(bz, str(tmp_path_factory.mktemp("vmlinux-cache")))
+    assert not cached
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,35 @@ def test_cached_vmlinux_is_reused(bz, vmlinux_path, monkeypatch, tmp_path):
     assert os.path.basename(vmlinux_path).startswith("vmlinux-")
     monkeypatch.setattr(decompress, "extract_vmlinux",
                         lambda bz: pytest.fail("decompressed again despite the cache"))
-    assert cached_vmlinux(bz, os.path.dirname(vmlinux_path)) == vmlinux_path
+    assert cached_vmlinux(bz, os.path.dirname(vmlinux_path)) == (vmlinux_path, True)
+
+
+def test_an_elf_parsed_from_a_mapping_keeps_views_and_loads_the_same(vmlinux, vmlinux_path):
+    # --fast-boot maps the cached vmlinux: segments must be zero-copy views with the same bytes
+    import mmap
+    from_bytes = ElfImage.parse(vmlinux, vmlinux_path)
+    with open(vmlinux_path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    view = memoryview(mm)
+    elf = ElfImage.parse(view, vmlinux_path)
+    try:
+        assert all(isinstance(s.data, memoryview) and s.data.obj is mm for s in elf.segments)
+        assert [(s.paddr, s.memsz, bytes(s.data)) for s in elf.segments] == \
+            [(s.paddr, s.memsz, s.data) for s in from_bytes.segments]
+        assert (elf.entry, elf.pvh_entry, elf.notes) == \
+            (from_bytes.entry, from_bytes.pvh_entry, from_bytes.notes)
+    finally:
+        elf = None
+        view.release()
+        mm.close()
+
+
+def test_load_returns_the_image_it_parsed(vmlinux, vmlinux_path, raw, debian):
+    from kvmpy.loader import load
+    kind, elf = load(vmlinux, vmlinux_path)
+    assert kind == "elf" and isinstance(elf, ElfImage) and elf.pvh_entry is not None
+    kind, bz = load(raw, debian.bzimage)
+    assert kind == "bzimage" and bz.payload_length > 0
 
 
 # --- detection errors ----------------------------------------------------------------------------

@@ -34,8 +34,10 @@ def has_boot_signature(data: bytes) -> bool:
             and data[HEADER_MAGIC_OFFSET:HEADER_MAGIC_OFFSET + 4] == HEADER_MAGIC)
 
 
-def detect(data: bytes, path: str) -> str:
-    """"bzimage", "elf" or "multiboot" for the kernel image ``data`` (read from ``path``).
+def load(data: bytes, path: str) -> tuple:
+    """``(kind, image)`` for the kernel image ``data`` (read from ``path``): kind "bzimage",
+    "elf" or "multiboot" and the BzImage, ElfImage or MultibootImage parsed on the way (the
+    caller loads that one rather than parsing again: a vmlinux's segments are tens of MiB).
 
     The first match wins, in this order:
 
@@ -56,8 +58,7 @@ def detect(data: bytes, path: str) -> str:
     if has_boot_signature(data):
         from kvmpy.loader.bzimage import BzImage
 
-        BzImage.parse(data, path)
-        return "bzimage"
+        return "bzimage", BzImage.parse(data, path)
     if (len(data) < HEADER_MAGIC_OFFSET + 4 and len(data) >= BOOT_FLAG_OFFSET + 2
             and int.from_bytes(data[BOOT_FLAG_OFFSET:BOOT_FLAG_OFFSET + 2], "little") == BOOT_FLAG):
         raise ImageError(f"{path} is truncated ({len(data)} bytes): a boot sector without the "
@@ -68,18 +69,22 @@ def detect(data: bytes, path: str) -> str:
 
         elf = ElfImage.parse(data, path)
         if elf.pvh_entry is not None:
-            return "elf"
+            return "elf", elf
     from kvmpy.loader.multiboot import MultibootImage, find_header
 
     if find_header(data) is not None:
-        MultibootImage.parse(data, path)
-        return "multiboot"
+        return "multiboot", MultibootImage.parse(data, path)
     if elf is not None:
         from kvmpy.loader.elf import EM_X86_64
 
         if elf.machine == EM_X86_64 and elf.bits == 64:
-            return "elf"
+            return "elf", elf
         raise ImageError(f"{path} is a 32-bit ELF with neither a PVH note nor a multiboot "
                          "header, so kvmpy has no way to enter it")
     raise ImageError(f"{path} is not a Linux kernel (no boot sector signature / HdrS) nor an ELF "
                      "or multiboot kernel; give a bzImage, a vmlinux or a multiboot kernel")
+
+
+def detect(data: bytes, path: str) -> str:
+    """The format :func:`load` finds, without the parsed image."""
+    return load(data, path)[0]

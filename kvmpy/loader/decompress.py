@@ -85,13 +85,14 @@ def extract_vmlinux(bz: BzImage) -> tuple[str, bytes]:
     return fmt, out
 
 
-def cached_vmlinux(bz: BzImage, cache_dir: str) -> str:
-    """Path of ``bz``'s decompressed vmlinux under ``cache_dir``, named by the payload's
-    SHA-256; decompressed (and written atomically) only the first time."""
+def cached_vmlinux(bz: BzImage, cache_dir: str) -> tuple[str, bool]:
+    """``(path, cached)``: ``bz``'s decompressed vmlinux under ``cache_dir``, named by the
+    payload's SHA-256, decompressed (and written atomically) only the first time; ``cached``
+    says it was there already."""
     digest = hashlib.sha256(bz.payload).hexdigest()
     path = os.path.join(cache_dir, f"vmlinux-{digest}")
     if os.path.exists(path):
-        return path
+        return path, True
     _, vmlinux = extract_vmlinux(bz)
     os.makedirs(cache_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".vmlinux-")
@@ -103,7 +104,7 @@ def cached_vmlinux(bz: BzImage, cache_dir: str) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+    return path, False
 
 
 def _stream(d, payload: bytes, fmt: str) -> bytes:

@@ -126,8 +126,8 @@ class ElfImage(collections.namedtuple("ElfImage", "path bits machine entry segme
                 if filesz > memsz:
                     raise ImageError(f"{path}: segment {i} has p_filesz {filesz:#x} > p_memsz "
                                      f"{memsz:#x}; the ELF is corrupt")
-                if memsz:
-                    segments.append(Segment(paddr, memsz, bytes(data[off:off + filesz]), vaddr,
+                if memsz:    # a slice: a copy of bytes, a view of a memoryview (mmap)
+                    segments.append(Segment(paddr, memsz, data[off:off + filesz], vaddr,
                                             p_flags))
             else:
                 notes += _parse_notes(data[off:off + filesz], 8 if align == 8 else 4, path)
@@ -162,7 +162,7 @@ def _parse_notes(blob: bytes, align: int, path: str) -> list[Note]:
         return (n + align - 1) & ~(align - 1)
 
     while pos + hsize <= len(blob):
-        h = NoteHeader.parse(blob[pos:pos + hsize])
+        h = NoteHeader.parse(bytes(blob[pos:pos + hsize]))
         name_at = pos + hsize
         desc_at = name_at + pad(h.namesz)
         end = desc_at + pad(h.descsz)
