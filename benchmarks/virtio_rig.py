@@ -29,12 +29,15 @@ class EventfdIrq:
 
 class VirtioRig:
     """``make_device(memory)`` behind VirtioMmio in a VM with ``mem_size`` bytes of RAM.
-    ``ioeventfds=False``: no ioeventfd, a notify runs the device in the notifying thread."""
+    ``ioeventfds=False``: no ioeventfd, a notify runs the device in the notifying thread.
+    ``shared=True``: guest RAM mapped shared, for a driver in a forked process."""
 
-    def __init__(self, make_device, mem_size: int, queues: int = 1, ioeventfds: bool = True):
+    def __init__(self, make_device, mem_size: int, queues: int = 1, ioeventfds: bool = True,
+                 shared: bool = False):
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
-        self.mem = GuestMemory([(0, mem_size)])
+        # shared: RAM that a forked guest-side driver process writes too (--driver-process)
+        self.mem = GuestMemory([(0, mem_size)], shared=shared)
         self.mem.register(self.vm)
         self.io = IoThread(name="virtio-io").start()
         self.irq = EventfdIrq()

@@ -41,15 +41,19 @@ class MemoryRegion:
 class GuestMemory:
     """Guest RAM made of non-overlapping regions ``[(gpa, size), ...]``."""
 
-    def __init__(self, layout: list[tuple[int, int]]):
+    def __init__(self, layout: list[tuple[int, int]], shared: bool = False):
+        """``shared``: map the RAM MAP_SHARED, so that a process forked afterwards sees and
+        writes the same bytes (a guest-side test driver running beside the VMM, as a guest's
+        vCPUs do); otherwise private anonymous memory, as QEMU's default RAM."""
         self.regions: list[MemoryRegion] = []
+        share = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         try:
             for gpa, size in sorted(layout):
                 if size <= 0 or size % mmap.PAGESIZE or gpa % mmap.PAGESIZE:
                     raise GuestMemoryError(f"memory region {gpa:#x}+{size:#x} is not page-aligned")
                 if self.regions and gpa < self.regions[-1].end:
                     raise GuestMemoryError(f"memory region {gpa:#x} overlaps the one before it")
-                m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                m = mmap.mmap(-1, size, share | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
                               mmap.PROT_READ | mmap.PROT_WRITE)
                 ptr = ffi.from_buffer(m)
                 addr = int(ffi.cast("uintptr_t", ptr))

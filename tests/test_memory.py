@@ -76,3 +76,19 @@ def test_ram_layout_splits_around_the_mmio_hole():
 def test_misaligned_region_refused():
     with pytest.raises(GuestMemoryError):
         GuestMemory([(0, 1000)])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_memory_is_seen_by_a_forked_process(shared):
+    import os
+    with GuestMemory([(0, 0x10000), (0x100000, 0x10000)], shared=shared) as m:
+        m.write(0x100010, b"parent")
+        pid = os.fork()
+        if pid == 0:                     # the child writes where the parent will look
+            try:
+                ok = m.read(0x100010, 6) == b"parent"
+                m.write(0x20, b"child!" if ok else b"wrong!")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert m.read(0x20, 6) == (b"child!" if shared else b"\0" * 6)

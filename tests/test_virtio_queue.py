@@ -553,3 +553,84 @@ def test_guest_memory_error_never_escapes_pop(mem, monkeypatch):
     monkeypatch.setattr(mem, "check", boom)
     with pytest.raises(QueueError, match="not in guest RAM"):
         q.pop()
+
+
+# -- the walk's region cache: a buffer after one in another region is still checked ------------
+
+@pytest.mark.parametrize("first", [BUF, HIGH + 0x100], ids=["low region", "high region"])
+@pytest.mark.parametrize("addr, length", [
+    (LOW_END - 8, 16),                 # runs from the low region into the hole
+    (LOW_END + 0x1000, 16),            # inside the hole (below the high region)
+    (HIGH - 8, 16),                    # runs from the hole into the high region
+    (HIGH + 0x10000 - 1, 2),           # off the end of RAM
+    (0xD0000000, 4),                   # MMIO
+    ((1 << 64) - 8, 16),               # wraps past 2^64
+])
+def test_buffer_outside_ram_after_a_good_one(mem, first, addr, length):
+    q = make_queue(mem)
+    desc(mem, 0, first, 16, NEXT, 1)   # located first: the walk remembers its region
+    desc(mem, 1, addr, length)
+    pop_error(mem, q, match="not in guest RAM")
+    q2 = make_queue(mem)               # and across requests: a good chain, then the bad one
+    desc(mem, 2, first, 16)
+    publish(mem, q2, 2)
+    assert q2.pop() is not None
+    desc(mem, 3, addr, length)
+    publish(mem, q2, 3, start=1)
+    with pytest.raises(QueueError, match="not in guest RAM"):
+        q2.pop()
+
+
+def test_a_chain_across_regions_reads_each_buffer_from_its_own(mem):
+    q = make_queue(mem)
+    mem.write(BUF, b"low-")
+    mem.write(HIGH + 0x10, b"high-")
+    mem.write(BUF + 0x100, b"low-again")
+    desc(mem, 0, BUF, 4, NEXT, 1)
+    desc(mem, 1, HIGH + 0x10, 5, NEXT, 2)
+    desc(mem, 2, BUF + 0x100, 9, NEXT, 3)
+    desc(mem, 3, LOW_END - 4, 4, WRITE)   # the last 4 bytes of the low region: still RAM
+    publish(mem, q, 0)
+    chain = q.pop()
+    assert chain.read() == b"low-high-low-again"
+    assert chain.readable == [Segment(BUF, 4), Segment(HIGH + 0x10, 5), Segment(BUF + 0x100, 9)]
+    assert chain.write(0, b"tail") == 4 and mem.read(LOW_END - 4, 4) == b"tail"
+    assert chain.unpack(struct.Struct("<4s5s")) == (b"low-", b"high-")   # spans two buffers
+    with pytest.raises(ValueError):
+        chain.unpack(struct.Struct("<20s"))                             # past the readable part
+
+
+# -- used.idx is published once per batch, and also when a bad chain ends the batch ---------------
+
+def test_used_idx_is_published_when_a_bad_chain_ends_the_batch(mem):
+    from kvmpy.virtio.device import VirtioDevice
+
+    class Counting(VirtioDevice):
+        device_type = 4
+        name = "counting"
+
+        def __init__(self):
+            super().__init__(mem, [SIZE], indirect_desc=False, event_idx=False)
+            self.done = 0
+
+        def handle_request(self, queue, chain):
+            self.done += 1
+            assert mem.read_u16(USED_ADDR + 2) == 0     # not published per request
+            return 0
+
+    dev = Counting()
+    signals = []
+    dev.interrupt = signals.append
+    q = dev.queues[0]
+    q.size, q.desc_addr, q.avail_addr, q.used_addr = SIZE, DESC_ADDR, AVAIL_ADDR, USED_ADDR
+    dev.status = 1 | 2 | 8 | 4                          # ACKNOWLEDGE, DRIVER, FEATURES_OK, OK
+    assert dev.queue_ready(0)
+    desc(mem, 0, BUF, 16)
+    desc(mem, 1, BUF, 16)
+    desc(mem, 2, BUF, 16, NEXT, SIZE)                   # next out of range: a broken ring
+    publish(mem, q, 0, 1, 2)
+    dev.notify(0)
+    assert dev.done == 2
+    assert mem.read_u16(USED_ADDR + 2) == 2             # the two completed ones are visible
+    assert [used(mem, q, i)[0] for i in range(2)] == [0, 1]
+    assert dev.status & 64                              # DEVICE_NEEDS_RESET

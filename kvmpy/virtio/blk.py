@@ -98,6 +98,7 @@ class BlkStatus(enum.IntEnum):
 # Plain ints for the per-request comparisons (an IntEnum member lookup costs more than the test).
 _T_IN, _T_OUT = int(RequestType.IN), int(RequestType.OUT)
 _S_OK, _S_IOERR = int(BlkStatus.OK), int(BlkStatus.IOERR)
+_STATUS_BYTE = tuple(bytes([s]) for s in range(max(BlkStatus) + 1))   # status -> its byte
 
 # fallocate(2) modes (include/uapi/linux/falloc.h); Python's os.posix_fallocate takes none.
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -180,11 +181,11 @@ class VirtioBlk(VirtioDevice):
         if chain.read_len < HEADER.size:
             status, written = _S_IOERR, 0   # header missing or device-writable
         else:
-            rtype, _reserved, sector = HEADER.unpack(chain.read(0, HEADER.size))
+            rtype, _reserved, sector = chain.unpack(HEADER)
             status, written = self._execute(rtype, sector, chain, status_at)
         if status != _S_OK:
             self.stats["ioerr" if status == _S_IOERR else "unsupp"] += 1
-        chain.write(status_at, b"%c" % status)
+        chain.write(status_at, _STATUS_BYTE[status])
         return written + 1
 
     def _execute(self, rtype: int, sector: int, chain: DescriptorChain,
@@ -195,9 +196,19 @@ class VirtioBlk(VirtioDevice):
         data_out = chain.read_len - HEADER.size   # device-readable bytes after the header
         try:
             if rtype == _T_IN:
-                if not self._range_ok(sector, data_in):
+                if data_in % SECTOR_SIZE or sector + data_in // SECTOR_SIZE > self.capacity:
                     return _S_IOERR, 0
-                self._transfer(chain.writable_views(0, data_in), sector * SECTOR_SIZE, False)
+                views = chain.writable_views(0, data_in)
+                if len(views) == 1:          # one data buffer: one preadv, no list walking
+                    view = views[0]
+                    try:
+                        n = os.preadv(self.fd, views, sector * SECTOR_SIZE)
+                        if n != data_in:
+                            self._transfer_rest(views, sector * SECTOR_SIZE, n, False)
+                    finally:
+                        view.release()
+                else:
+                    self._transfer(views, sector * SECTOR_SIZE, False)
                 self.stats["reads"] += 1
                 return _S_OK, data_in
             if rtype == _T_OUT:

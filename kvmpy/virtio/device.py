@@ -264,13 +264,16 @@ class VirtioDevice:
         """Run requests of ``queue``: at most its size per call, so one notification costs
         bounded work however fast the driver refills (hostile-inputs 15). True if the budget ran
         out (more may be waiting)."""
-        for _ in range(queue.size):
-            chain = queue.pop()
-            if chain is None:
-                return False
-            written = self.handle_request(queue, chain)
-            queue.add_used(chain.head, written)
-        return True
+        pop, handle, add_used = queue.pop, self.handle_request, queue.add_used
+        try:
+            for _ in range(queue.size):
+                chain = pop()
+                if chain is None:
+                    return False
+                add_used(chain.head, handle(queue, chain), False)
+            return True
+        finally:
+            queue.publish_used()     # once per batch, also when a bad chain ends it
 
     def handle_request(self, queue: Queue, chain: DescriptorChain) -> int:
         """Do one request; return the number of bytes written into its writable buffers."""

@@ -165,12 +165,26 @@ class DescriptorChain:
             done += n
         return done
 
+    def unpack(self, st: struct.Struct, offset: int = 0) -> tuple:
+        """``st`` unpacked from the readable part at ``offset`` (ValueError if it is shorter):
+        straight from guest RAM when the bytes lie in the first buffer, as a header does."""
+        if self._rd and 0 <= offset and offset + st.size <= self._rd[0][1]:
+            _, _, m, o = self._rd[0]
+            return st.unpack_from(m, o + offset)
+        data = self.read(offset, st.size)
+        if len(data) != st.size:
+            raise ValueError(f"{st.size} bytes at {offset} are past the readable part")
+        return st.unpack(data)
+
     def readable_views(self, offset: int, size: int) -> list[memoryview]:
         """Zero-copy views of the readable part (for pwritev). Release them when done."""
         return [memoryview(m)[o:o + n] for m, o, n in _pieces(self._rd, offset, size)]
 
     def writable_views(self, offset: int, size: int) -> list[memoryview]:
         """Zero-copy views of the writable part (for preadv). Release them when done."""
+        if self._wr and 0 <= offset and 0 < size and offset + size <= self._wr[0][1]:
+            _, _, m, o = self._wr[0]     # the usual case: one data buffer
+            return [memoryview(m)[o + offset:o + offset + size]]
         return [memoryview(m)[o:o + n] for m, o, n in _pieces(self._wr, offset, size)]
 
 
@@ -239,6 +253,7 @@ class Queue:
         self._signalled_used = 0     # used_idx when the driver was last interrupted
         self._signalled_valid = False
         self._added = False          # used entries added since the last needs_interrupt()
+        self._last_region = (0, 0, None)   # (gpa, size, mapping) of the last buffer's region
 
     # -- activation ----------------------------------------------------------------------------
     def activate(self, event_idx: bool = False, indirect: bool = False) -> None:
@@ -314,6 +329,10 @@ class Queue:
     def _walk(self, head: int) -> DescriptorChain:
         check = self.memory.check
         unpack_desc = self._unpack_desc
+        # The region the last buffer was in: a buffer wholly inside it needs no
+        # GuestMemory.check (the test below is that check's own, for one region); any other
+        # goes through check(), which finds its region or refuses it.
+        r_gpa, r_size, r_map = self._last_region
         table, table_off, table_len = self._desc_map, self._desc_off, self.size
         index = head
         ttl = table_len                 # descriptors this table may still contribute
@@ -357,21 +376,26 @@ class Queue:
                 table, table_len, ttl, index = region.mapping, entries, entries, 0
                 in_indirect = True
                 continue
-            try:
-                region, offset = check(addr, length)
-            except GuestMemoryError:
-                raise QueueError(f"buffer {addr:#x}+{length:#x} is not in guest RAM") from None
+            offset = addr - r_gpa
+            if offset < 0 or offset + length > r_size:
+                try:
+                    region, offset = check(addr, length)
+                except GuestMemoryError:
+                    raise QueueError(f"buffer {addr:#x}+{length:#x} is not in guest RAM") \
+                        from None
+                r_gpa, r_size, r_map = region.gpa, region.size, region.mapping
+                self._last_region = (r_gpa, r_size, r_map)
             if flags & _F_WRITE:
                 write_len += length
                 if length:
-                    writable.append((addr, length, region.mapping, offset))
+                    writable.append((addr, length, r_map, offset))
             else:
                 if writable:
                     raise QueueError(f"device-readable descriptor after a device-writable one "
                                      f"in the chain from head {head}")
                 read_len += length
                 if length:
-                    readable.append((addr, length, region.mapping, offset))
+                    readable.append((addr, length, r_map, offset))
             if not flags & _F_NEXT:
                 break
             index = nxt
@@ -382,20 +406,30 @@ class Queue:
         return DescriptorChain(head, readable, writable, read_len, write_len)
 
     # -- used ring -----------------------------------------------------------------------------
-    def add_used(self, head: int, written: int) -> None:
-        """Return request ``head`` to the driver, saying ``written`` bytes were written to it."""
+    def add_used(self, head: int, written: int, publish: bool = True) -> None:
+        """Return request ``head`` to the driver, saying ``written`` bytes were written to it.
+        ``publish=False`` leaves used.idx for :meth:`publish_used` (one store per batch; the
+        driver learns of used buffers from the interrupt sent after the batch anyway)."""
         if not (0 <= head < len(self._in_flight)) or not self._in_flight[head]:
             raise QueueError(f"device completed head {head}, which is not in flight")
         # struct virtq_used { le16 flags; le16 idx; struct virtq_used_elem ring[size];
         #                     le16 avail_event; }
-        used_map, used_off, used_idx = self._used_map, self._used_off, self.used_idx
-        USED_ELEM.pack_into(used_map, used_off + 4 + 8 * (used_idx % self.size), head, written)
-        self.used_idx = used_idx = (used_idx + 1) & 0xFFFF
-        # 2.7.8.1: the element is written before idx makes it visible (x86 keeps store order).
-        _U16.pack_into(used_map, used_off + 2, used_idx)
+        used_idx = self.used_idx
+        USED_ELEM.pack_into(self._used_map, self._used_off + 4 + 8 * (used_idx % self.size),
+                            head, written)
+        self.used_idx = (used_idx + 1) & 0xFFFF
         self._in_flight[head] = 0
         self.in_flight -= 1
         self._added = True
+        if publish:
+            self.publish_used()
+
+    def publish_used(self) -> None:
+        """Store used.idx: the driver may take every element added so far."""
+        if self.ready:
+            # 2.7.8.1: the elements are written before idx makes them visible (x86 keeps
+            # store order).
+            _U16.pack_into(self._used_map, self._used_off + 2, self.used_idx)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was added since the last
