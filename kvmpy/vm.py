@@ -90,7 +90,12 @@ class Vm(KvmFd):
         self._ioctl_ptr("KVM_IRQFD", ioctls.KVM_IRQFD, e)
 
     def set_gsi_routing(self, routes: list[MsiRoute | IrqchipRoute]) -> None:
-        """KVM_SET_GSI_ROUTING: replace the whole GSI routing table with ``routes``."""
+        """KVM_SET_GSI_ROUTING: replace the whole GSI routing table with ``routes``.
+
+        The table is one per VM and this call replaces all of it: in a VM with virtio-pci
+        devices, whose MSI-X vectors are routes kept by ``kvmpy.virtio.msix.MsiRouter.of(vm)``,
+        add routes through that router (``allocate`` / ``set_route``) instead, or theirs are
+        lost."""
         size = ffi.sizeof("struct kvm_irq_routing") + len(routes) * ffi.sizeof(
             "struct kvm_irq_routing_entry")
         buf = ffi.new("char[]", size)
