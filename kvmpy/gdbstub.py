@@ -517,8 +517,9 @@ class GdbStub:
                 spoke = True
                 self._request_stop(b"T02thread:01;", 0)   # gdb expects a stopped target
         buf = bytearray()
-        # poll, not select: select() cannot watch an fd numbered 1024 or more, and a VM whose
-        # guest holds hundreds of slirp sockets gets the debugger's connection above that.
+        # poll, not select: select() cannot watch an fd numbered 1024 or more, which the
+        # debugger's connection gets in a VMM with a raised RLIMIT_NOFILE and many fds open
+        # (slirp sockets, disks, eventfds).
         poller = select.poll()
         poller.register(conn, select.POLLIN)
         while not self._closing.is_set():

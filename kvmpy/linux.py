@@ -300,7 +300,12 @@ def _load_fast_boot(m: Machine, cfg: LinuxConfig, bz, initrd: bytes, plan: BootP
     finally:
         elf = None          # its segments are views of the mapping: drop them, then unmap
         view.release()
-        mm.close()
+        try:
+            mm.close()
+        except BufferError:
+            # An exception is on its way out, and its traceback's frames still hold segment
+            # views: the mapping goes when they do. Raising here would hide the real error.
+            pass
     spent = time.monotonic() - t0
     plan.notes.append(f"--fast-boot: {fmt} payload decompressed on the host "
                       f"({'cached' if hit else f'{spent * 1000:.0f} ms'}); the guest skips its "

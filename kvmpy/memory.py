@@ -3,7 +3,9 @@ the guest boundary.
 
 Every access by guest-physical address goes through :meth:`GuestMemory.check`, which refuses
 negative addresses, sizes, wrap-around past 2^64, ranges that leave guest RAM and ranges that
-straddle two regions (there may be a hole between them). Nothing else in kvmpy indexes the mmaps.
+straddle two regions (there may be a hole between them). Outside this module only the virtqueue
+(kvmpy.virtio.queue) indexes the mmaps: at offsets check() returned, and in its ring walk with
+check()'s own one-region test against a region check() returned before.
 
 This module does not decide where RAM goes (the builder does) and does not know about devices.
 """

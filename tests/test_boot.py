@@ -156,6 +156,23 @@ def test_fast_boot_decompresses_on_the_host(tmp_path):
     assert p.returncode == 124 and p.stdout == b""
 
 
+def test_fast_boot_errors_are_one_line(tmp_path):
+    # The fast-boot loader maps the cached vmlinux; an error after its segments were parsed
+    # (here: an initrd that does not fit) must reach the user as itself, not as the mapping's
+    # "cannot close exported pointers exist".
+    import gzip
+
+    vmlinux = pvh_kernel("pvh32", tmp_path, text=0x1000000)
+    (tmp_path / "bzImage").write_bytes(
+        bzimage(b"\xf4" * 0x300, payload=gzip.compress(vmlinux.read_bytes())))
+    (tmp_path / "initrd").write_bytes(b"\0" * (40 << 20))
+    p = run_kvmpy("boot", "--kernel", str(tmp_path / "bzImage"), "--fast-boot", "--mem", "32M",
+                  "--initrd", str(tmp_path / "initrd"), env={"KVMPY_CACHE": str(tmp_path)})
+    err = p.stderr.decode()
+    assert p.returncode not in (0, 0x21) and "Traceback" not in err, err
+    assert "initrd" in err and "BufferError" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_smp_ap_started_by_the_guest_with_init_sipi(tmp_path):
     # --cpus 2: the MP table lists both CPUs, the AP waits in the in-kernel LAPIC until the
     # guest's INIT + STARTUP IPI, then runs real-mode code and sees its own APIC id in CPUID.

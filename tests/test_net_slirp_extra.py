@@ -161,28 +161,99 @@ def test_a_closed_socket_frees_its_place():
         assert len(b._sockets) == 2 and b.flows_refused == 0
 
 
-def test_which_frames_can_open_a_socket():
-    def icmp(kind):
-        body = bytes([kind, 0, 0, 0, 0, 1, 0, 1]) + b"ping"
-        body = body[:2] + struct.pack("!H", csum(body)) + body[4:]
-        return eth(SLIRP_MAC, GUEST_MAC, ETH_IP, ipv4(GUEST_IP, "192.0.2.1", 1, body))
+LOCAL = (ip4(HOST_IP), ip4("10.0.2.3"))
 
+
+def _icmp_echo(dst: str, kind: int = 8, ident: int = 1) -> bytes:
+    body = bytes([kind, 0, 0, 0, 0, ident, 0, 1]) + b"ping"
+    body = body[:2] + struct.pack("!H", csum(body)) + body[4:]
+    return eth(SLIRP_MAC, GUEST_MAC, ETH_IP, ipv4(GUEST_IP, dst, 1, body))
+
+
+def test_which_frames_can_open_a_socket():
     syn = tcp(GUEST_IP, HOST_IP, 1234, 80, 1, 0, TCP_SYN)
-    assert _new_flow(eth(SLIRP_MAC, GUEST_MAC, ETH_IP, syn))[0] == 6
+    assert _new_flow(eth(SLIRP_MAC, GUEST_MAC, ETH_IP, syn), LOCAL)[0] == 6
     assert _new_flow(eth(SLIRP_MAC, GUEST_MAC, ETH_IP,
-                         tcp(GUEST_IP, HOST_IP, 1234, 80, 1, 1, TCP_SYN | TCP_ACK))) is None
+                         tcp(GUEST_IP, HOST_IP, 1234, 80, 1, 1, TCP_SYN | TCP_ACK)), LOCAL) is None
     assert _new_flow(eth(SLIRP_MAC, GUEST_MAC, ETH_IP,
-                         tcp(GUEST_IP, HOST_IP, 1234, 80, 1, 1, TCP_ACK))) is None
-    assert _new_flow(eth(SLIRP_MAC, GUEST_MAC, ETH_IP, udp(GUEST_IP, HOST_IP, 68, 67, b"")))\
-        is None                                   # DHCP: slirp answers, no socket
-    assert _new_flow(icmp(8))[0] == 1             # echo request: a socket each
-    assert _new_flow(icmp(0)) is None             # echo reply
-    later = bytearray(eth(SLIRP_MAC, GUEST_MAC, ETH_IP, syn))
-    later[20:22] = b"\x00\x10"                   # fragment offset 16: no TCP header
-    assert _new_flow(bytes(later)) is None
-    assert _new_flow(eth(SLIRP_MAC, GUEST_MAC, 0x0806, b"\0" * 28)) is None
+                         tcp(GUEST_IP, HOST_IP, 1234, 80, 1, 1, TCP_ACK)), LOCAL) is None
+    for dst in (HOST_IP, "255.255.255.255"):      # DHCP: slirp answers, no socket
+        assert _new_flow(eth(SLIRP_MAC, GUEST_MAC, ETH_IP, udp(GUEST_IP, dst, 68, 67, b"")),
+                         LOCAL) is None
+    assert _new_flow(eth(SLIRP_MAC, GUEST_MAC, ETH_IP, udp(GUEST_IP, "192.0.2.1", 68, 67, b"")),
+                     LOCAL)[0] == 17              # port 67 elsewhere: an ordinary socket
+    assert _new_flow(_icmp_echo("192.0.2.1"), LOCAL)[0] == 1     # echo out: a socket each
+    assert _new_flow(_icmp_echo(HOST_IP), LOCAL) is None          # slirp answers these
+    assert _new_flow(_icmp_echo("10.0.2.3"), LOCAL) is None
+    assert _new_flow(_icmp_echo("192.0.2.1", kind=0), LOCAL) is None   # echo reply
+    assert _new_flow(eth(SLIRP_MAC, GUEST_MAC, 0x0806, b"\0" * 28), LOCAL) is None
     for n in range(0, 60):                        # truncated frames never raise
-        _new_flow(eth(SLIRP_MAC, GUEST_MAC, ETH_IP, syn)[:n])
+        _new_flow(eth(SLIRP_MAC, GUEST_MAC, ETH_IP, syn)[:n], LOCAL)
+
+
+def test_repeated_pings_and_port_67_elsewhere_are_capped_too():
+    with SlirpBackend(max_sockets=5) as b:
+        g = Guest(b)
+        (_, serve), = b.fds()
+        base = _open_fds()
+        for _ in range(20):                       # the same echo: a new socket each time
+            b.send(_icmp_echo("192.0.2.1"))
+        for p in range(20):
+            b.send(eth(SLIRP_MAC, GUEST_MAC, ETH_IP,
+                       udp(GUEST_IP, "192.0.2.1", 3000 + p, 67, b"x")))
+        serve()
+        assert len(b._sockets) <= 5 and _open_fds() - base <= 5
+        refused = b.flows_refused
+        assert refused >= 35
+        _frames(g)
+        b.send(_icmp_echo(HOST_IP, ident=9))      # the gateway still answers pings at the cap
+        time.sleep(0.1)
+        serve()
+        assert b.flows_refused == refused
+        assert any(f.proto == 1 and f.payload[20] == 0 for f in _frames(g))   # echo reply
+
+
+def test_the_refusal_acks_the_whole_syn_and_comes_from_slirps_mac():
+    from kvmpy.net.slirp import _tcp_refusal
+    mac = bytes.fromhex("52550a000202")
+    raw = eth(b"\xff" * 6, GUEST_MAC, ETH_IP,                       # sent to a broadcast MAC
+              tcp(GUEST_IP, "192.0.2.1", 4000, 80, 0xFFFFFFF0, 0, TCP_SYN | 1, b"data"))
+    f = Frame(_tcp_refusal(raw, mac))
+    assert (f.src, f.dst, f.flags) == (mac, GUEST_MAC, TCP_RST | TCP_ACK)
+    assert f.ack == (0xFFFFFFF0 + 4 + 1 + 1) & 0xFFFFFFFF        # data + SYN + FIN, wrapping
+    assert (f.ip_src, f.ip_dst, f.sport, f.dport) == ("192.0.2.1", GUEST_IP, 80, 4000)
+
+
+FRAGMENT_CRASHES = [                 # (offset in 8-byte units, more fragments) sequences
+    [(2, False)],                    # a lone last fragment: SIGBUS in libslirp 4.7
+    [(0, False), (2, False)],        # ... after an unfragmented datagram: SIGSEGV
+    [(0, True), (2, False), (2, False)],   # the last fragment again after completion
+    [(2, False), (0, True)],         # last before first
+]
+
+
+@pytest.mark.parametrize("seq", FRAGMENT_CRASHES)
+def test_fragments_that_crash_libslirp_never_reach_it(seq):
+    # In a fresh process: if one reached libslirp, the process would die of a signal.
+    import subprocess
+    import sys
+    code = (
+        "import struct\n"
+        "from kvmpy.net.slirp import SlirpBackend\n"
+        "from test_net_frames import ETH_IP, GUEST_IP, GUEST_MAC, HOST_IP, Guest, eth, ip4, csum\n"
+        "def frag(off, mf, payload):\n"
+        "    hdr = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(payload), 7,\n"
+        "                      (0x2000 if mf else 0) | off, 64, 17, 0, ip4(GUEST_IP), ip4(HOST_IP))\n"
+        "    hdr = hdr[:10] + struct.pack('!H', csum(hdr)) + hdr[12:]\n"
+        "    return eth(bytes.fromhex('52550a000202'), GUEST_MAC, ETH_IP, hdr + payload)\n"
+        "b = SlirpBackend(); Guest(b); (_, serve), = b.fds()\n"
+        f"for off, mf in {seq!r}:\n"
+        "    b.send(frag(off, mf, struct.pack('!HHHH', 20000, 9, 48, 0) + b'A' * 8)); serve()\n"
+        "print(b.fragments_dropped); b.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(__file__), timeout=60)
+    assert out.returncode == 0, f"status {out.returncode}: {out.stderr[-500:]}"
+    assert int(out.stdout) == sum(1 for off, mf in seq if off or mf)
 
 
 def test_a_flow_opened_before_the_first_poll_lives():

@@ -185,18 +185,22 @@ class Rig(VirtioRig):
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
+            code = 1
             try:
                 os.close(r)
                 t = self._run(offs, lambda q: os.eventfd_write(efd, 1))
                 os.write(w, f"{t} {self.avail_idx} {self.used_seen}".encode())
+                code = 0
+            except BaseException as e:     # SystemExit from a failed request included
+                os.write(2, f"driver process: {e}\n".encode())
             finally:
-                os._exit(0)
+                os._exit(code)
         os.close(w)
         with os.fdopen(r) as f:
             reply = f.read().split()
-        os.waitpid(pid, 0)
-        if len(reply) != 3:
-            raise SystemExit("the driver process failed")
+        _, wstatus = os.waitpid(pid, 0)
+        if wstatus or len(reply) != 3:
+            raise SystemExit(f"the driver process failed (wait status {wstatus:#x})")
         t, self.avail_idx, self.used_seen = float(reply[0]), int(reply[1]), int(reply[2])
         self.vq.avail_idx = self.vq.last_used = self.avail_idx
         return t
@@ -294,6 +298,9 @@ def main() -> int:
     ap.add_argument("--profile-driver", action="store_true")
     ap.add_argument("--disk", default=os.path.join(HERE, "..", "out", "virtio_blk", "disk.img"))
     args = ap.parse_args()
+    if args.direct and args.driver_process:
+        ap.error("--direct runs the device in the driver's thread; --driver-process needs the "
+                 "I/O thread (leave out one of them)")
     depths = [int(d) for d in args.depths.split(",")]
     path = os.path.abspath(args.disk)
     make_disk(path)

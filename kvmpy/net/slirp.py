@@ -17,14 +17,22 @@ POLLOUT where slirp wants it) in its private epoll set; slirp's timeouts and its
 in Python) arm a timerfd in the same set. The I/O thread therefore needs only ``add_reader``.
 
 The guest is hostile, and libslirp opens a host socket for every flow the guest starts (a UDP
-source port, a TCP SYN, an ICMP echo) with no limit of its own: a guest could use up the VMM's
-file descriptors (and with them every later open, eventfd or accept of the process). The
-backend counts slirp's sockets exactly (libslirp announces each one through
+source port, a TCP SYN, each ICMP echo to the outside) with no limit of its own: a guest could
+use up the VMM's file descriptors (and with them every later open, eventfd or accept of the
+process). The backend counts slirp's sockets exactly (libslirp announces each one through
 ``register_poll_fd`` and each close through ``unregister_poll_fd``) and, while ``max_sockets``
 are open, refuses frames that would open another: a new TCP connection gets a RST (the guest
 sees "connection refused" at once instead of retrying for minutes), a UDP datagram from a new
 source port and an ICMP echo to the outside are dropped. Flows that already have a socket keep
-working. Counted in ``flows_refused``.
+working; what slirp answers itself (DHCP, pings of the gateway and the DNS address) is never
+refused. Counted in ``flows_refused``. A UDP socket lives 240 s after its last datagram, so a
+guest that sends from many random source ports (some QUIC or DNS clients) can meet the cap.
+
+IPv4 fragments from the guest are dropped before libslirp (``fragments_dropped``): libslirp
+4.7's reassembly crashes the process (SIGBUS/SIGSEGV) on a last fragment that arrives with no
+fragment of its datagram queued (alone, before its first fragment, or again after the
+datagram completed). So UDP datagrams and pings larger than the MTU (1500) cannot leave the
+guest through user networking; TCP (DF, MSS) is not affected.
 """
 from __future__ import annotations
 
@@ -138,9 +146,10 @@ CLOCK_MONOTONIC = 1
 TFD_NONBLOCK = os.O_NONBLOCK
 TFD_CLOEXEC = os.O_CLOEXEC
 MAX_FRAME = 65536 + 14
-# Host sockets one guest may hold open through slirp. QEMU and libslirp have no limit; 512 is
-# far above what a guest's normal traffic holds at once and well under the usual soft
-# RLIMIT_NOFILE of 1024, which the rest of the VMM shares.
+# Host sockets one guest network may hold open through slirp. QEMU and libslirp have no limit;
+# 512 is far above what a guest's normal traffic holds at once. Never more than a quarter of
+# the process's soft RLIMIT_NOFILE (with the usual 1024: 256), which the rest of the VMM and
+# any other --net user share.
 MAX_SOCKETS = 512
 
 ETH_P_IP = 0x0800                # IEEE 802 ethertype of IPv4
@@ -148,6 +157,9 @@ IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
 TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10    # RFC 9293 3.1 control bits
 BOOTP_SERVER_PORT = 67           # RFC 951: slirp answers DHCP itself, no socket
 ICMP_ECHO = 8                    # RFC 792
+TCP_FIN = 0x01                   # RFC 9293 3.1
+IP_MF, IP_OFFSET = 0x2000, 0x1FFF   # RFC 791: flags + fragment offset field
+BROADCAST_IP = b"\xff\xff\xff\xff"
 
 ffi = FFI()
 ffi.cdef(CDEF)
@@ -220,8 +232,13 @@ class SlirpBackend(Backend):
         self._registered_paused = False
         self.guest_errors: list[str] = []
         self.guest_error_count = 0
-        self.max_sockets = max(1, int(max_sockets))
+        self.max_sockets = max(1, min(int(max_sockets), _fd_budget()))
         self.flows_refused = 0
+        self.fragments_dropped = 0
+        # what slirp answers itself, without a socket: pings of these, DHCP to the first or
+        # to the broadcast address (libslirp ip_icmp.c icmp_input, udp.c udp_input)
+        self._local = (socket.inet_aton(host), socket.inet_aton(dns))
+        self._mac = bytes.fromhex("5255") + socket.inet_aton(host)   # slirp's own MAC
         self._sockets: dict[int, tuple | None] = {}   # fd -> the guest flow that opened it
         self._flows: dict[tuple, int] = {}           # guest flow -> fd
         self._opening: tuple | None = None           # the flow of the frame slirp is reading
@@ -373,17 +390,22 @@ class SlirpBackend(Backend):
         if self._closed or not 14 <= len(frame) <= MAX_FRAME:
             self.tx_dropped += 1
             return
-        flow = _new_flow(frame)
+        if _is_fragment(frame):
+            self.fragments_dropped += 1
+            self.tx_dropped += 1
+            return
+        flow = _new_flow(frame, self._local)
         with self._lock:
             if self._slirp == ffi.NULL:
                 self.tx_dropped += 1
                 return
-            if flow is not None and flow not in self._flows:
+            # An ICMP echo is never an existing flow: libslirp opens a socket for each one.
+            if flow is not None and (flow[0] == IPPROTO_ICMP or flow not in self._flows):
                 if len(self._sockets) >= self.max_sockets:
                     self.flows_refused += 1
                     self.tx_dropped += 1
-                    if flow[0] == IPPROTO_TCP:
-                        self._enqueue(_tcp_refusal(frame))
+                    if flow[0] == IPPROTO_TCP and _unicast(frame[30:34]):
+                        self._enqueue(_tcp_refusal(frame, self._mac))
                         self._wake()
                     return
                 self._opening = flow
@@ -526,28 +548,48 @@ class SlirpBackend(Backend):
         self._armed = d
 
 
-def _new_flow(frame: bytes) -> tuple | None:
-    """The guest flow a frame may open a host socket for, or None for frames that never do
-    (ARP, DHCP, TCP segments other than a SYN, non-first fragments, ...). UDP flows are keyed by
-    the guest's source address and port, as libslirp's udp_input looks its sockets up; TCP by
-    the 4-tuple; each ICMP echo gets its own socket in libslirp, so it has no key to reuse."""
+def _fd_budget() -> int:
+    """A quarter of the soft RLIMIT_NOFILE: the most sockets one slirp backend may hold."""
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_SOCKETS if soft == resource.RLIM_INFINITY else max(16, soft // 4)
+
+
+def _is_fragment(frame: bytes) -> bool:
+    """An IPv4 fragment: MF set or a non-zero offset (RFC 791)."""
+    return (len(frame) >= 22 and frame[12] == ETH_P_IP >> 8 and frame[13] == ETH_P_IP & 0xFF
+            and bool(((frame[20] << 8) | frame[21]) & (IP_MF | IP_OFFSET)))
+
+
+def _unicast(ip: bytes) -> bool:
+    return ip != BROADCAST_IP and not 224 <= ip[0] <= 239      # RFC 5771: 224/4 is multicast
+
+
+def _new_flow(frame: bytes, local: tuple[bytes, bytes]) -> tuple | None:
+    """The guest flow an unfragmented IPv4 frame may open a host socket for, or None for frames
+    that never do (ARP, DHCP to slirp, pings of slirp's own addresses ``local``, TCP segments
+    other than a SYN, ...). UDP flows are keyed by the guest's source address and port, as
+    libslirp's udp_input looks its sockets up; TCP by the 4-tuple; ICMP echoes by their header
+    (libslirp opens a socket for each echo, so the key only names it)."""
     if len(frame) < 34 or frame[12] != ETH_P_IP >> 8 or frame[13] != ETH_P_IP & 0xFF:
         return None
     ihl = (frame[14] & 0x0F) * 4
-    proto = frame[23]
-    if ihl < 20 or (frame[20] & 0x1F) or frame[21]:      # a later fragment: no L4 header
+    if ihl < 20:
         return None
-    l4 = 14 + ihl
+    proto, dst, l4 = frame[23], frame[30:34], 14 + ihl
     if proto == IPPROTO_TCP:
         if len(frame) < l4 + 14 or (frame[l4 + 13] & (TCP_SYN | TCP_ACK | TCP_RST)) != TCP_SYN:
             return None
         return (IPPROTO_TCP, frame[26:34], frame[l4:l4 + 4])
     if proto == IPPROTO_UDP:
-        if len(frame) < l4 + 4 or frame[l4 + 2:l4 + 4] == BOOTP_SERVER_PORT.to_bytes(2, "big"):
+        if len(frame) < l4 + 4:
+            return None
+        if (frame[l4 + 2:l4 + 4] == BOOTP_SERVER_PORT.to_bytes(2, "big")
+                and (dst == local[0] or dst == BROADCAST_IP)):
             return None
         return (IPPROTO_UDP, frame[26:30], frame[l4:l4 + 2])
     if proto == IPPROTO_ICMP:
-        if len(frame) < l4 + 1 or frame[l4] != ICMP_ECHO:
+        if len(frame) < l4 + 1 or frame[l4] != ICMP_ECHO or dst in local:
             return None
         return (IPPROTO_ICMP, frame[26:34], frame[l4:l4 + 8])
     return None
@@ -563,20 +605,26 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def _tcp_refusal(syn: bytes) -> bytes:
-    """The RST|ACK a closed port answers a SYN with (RFC 9293 3.10.7.1), from the address and
-    MAC the guest sent the SYN to."""
-    l4 = 14 + (syn[14] & 0x0F) * 4
+def _tcp_refusal(syn: bytes, mac: bytes) -> bytes:
+    """The RST|ACK a closed port answers a SYN with (RFC 9293 3.10.7.1: SEQ 0, ACK the SYN's
+    sequence number plus its length, SYN and FIN counting one each), from the address the SYN
+    went to and from slirp's MAC ``mac``."""
+    ihl = (syn[14] & 0x0F) * 4
+    l4 = 14 + ihl
+    total = int.from_bytes(syn[16:18], "big")
     src, dst = syn[30:34], syn[26:30]
     sport, dport, seq = struct.unpack_from("!HHI", syn, l4)
-    tcp = struct.pack("!HHIIBBHHH", dport, sport, 0, (seq + 1) & 0xFFFFFFFF, 5 << 4,
+    flags = syn[l4 + 13]
+    seg_len = max(0, total - ihl - (syn[l4 + 12] >> 4) * 4) + (1 if flags & TCP_SYN else 0) \
+        + (1 if flags & TCP_FIN else 0)
+    tcp = struct.pack("!HHIIBBHHH", dport, sport, 0, (seq + seg_len) & 0xFFFFFFFF, 5 << 4,
                       TCP_RST | TCP_ACK, 0, 0, 0)
     pseudo = src + dst + struct.pack("!BBH", 0, IPPROTO_TCP, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, IPPROTO_TCP, 0, src,
                      dst)
     ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    return syn[6:12] + syn[0:6] + syn[12:14] + ip + tcp
+    return syn[6:12] + mac + syn[12:14] + ip + tcp
 
 
 def _to_poll(ev: int) -> int:

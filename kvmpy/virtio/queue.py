@@ -23,8 +23,9 @@ device layer turns into DEVICE_NEEDS_RESET (2.1.2). In particular:
 - VIRTQ_DESC_F_INDIRECT only if negotiated, never together with NEXT, never inside an indirect
   table, with a table length that is a non-zero multiple of 16 and at most 65535 entries
   (2.7.5.3.1);
-- every buffer lies wholly inside one RAM region (GuestMemory.check: no wrap past 2^64, no holes,
-  no MMIO, so never the device's own registers);
+- every buffer lies wholly inside one RAM region (GuestMemory.check, or the same test against
+  the region of the buffer before it: no wrap past 2^64, no holes, no MMIO, so never the
+  device's own registers);
 - ``avail.idx`` may run at most ``size`` entries ahead of what the device consumed (2.7.6), and a
   head that is still in flight cannot be made available again (it would be completed twice).
 
@@ -103,9 +104,10 @@ class DescriptorChain:
     readable (resp. writable) segments as if they were one buffer: a device must not assume how
     the driver split a request into descriptors (2.7.4, "Message Framing").
 
-    Each buffer was located in guest RAM by :meth:`GuestMemory.check` once, when the chain was
-    walked; the chain keeps what that check returned (the region's mapping and the offset in it),
-    so the request's reads and writes go straight to the mapping without being located again."""
+    Each buffer was located in guest RAM once, when the chain was walked (by
+    :meth:`GuestMemory.check`, or by the walk's test against the region of the buffer before it,
+    which is that check's own test for one region); the chain keeps the region's mapping and the
+    offset in it, so the request's reads and writes go straight to the mapping."""
 
     __slots__ = ("head", "_rd", "_wr", "read_len", "write_len")
 
@@ -253,7 +255,9 @@ class Queue:
         self._signalled_used = 0     # used_idx when the driver was last interrupted
         self._signalled_valid = False
         self._added = False          # used entries added since the last needs_interrupt()
-        self._last_region = (0, 0, None)   # (gpa, size, mapping) of the last buffer's region
+        # (gpa, size, mapping) of the region the last buffer was in; size -1 matches nothing,
+        # not even a zero-length buffer at 0, so the first buffer always goes through check()
+        self._last_region = (0, -1, None)
 
     # -- activation ----------------------------------------------------------------------------
     def activate(self, event_idx: bool = False, indirect: bool = False) -> None:
