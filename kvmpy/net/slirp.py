@@ -28,11 +28,10 @@ working; what slirp answers itself (DHCP, pings of the gateway and the DNS addre
 refused. Counted in ``flows_refused``. A UDP socket lives 240 s after its last datagram, so a
 guest that sends from many random source ports (some QUIC or DNS clients) can meet the cap.
 
-IPv4 fragments from the guest are dropped before libslirp (``fragments_dropped``): libslirp
-4.7's reassembly crashes the process (SIGBUS/SIGSEGV) on a last fragment that arrives with no
-fragment of its datagram queued (alone, before its first fragment, or again after the
-datagram completed). So UDP datagrams and pings larger than the MTU (1500) cannot leave the
-guest through user networking; TCP (DF, MSS) is not affected.
+IPv4 fragments from the guest never reach libslirp: its reassembly crashes the process
+(SIGBUS/SIGSEGV in libslirp 4.7) on a last fragment that arrives with no fragment of its
+datagram queued. kvmpy.net.ipfrag reassembles them and libslirp gets each datagram whole
+(``fragments_dropped`` counts what that refused: overlaps, timeouts, malformed ones).
 """
 from __future__ import annotations
 
@@ -47,6 +46,7 @@ from cffi import FFI
 
 from kvmpy.errors import KvmpyError
 from kvmpy.net.base import RX_QUEUE_MAX, Backend, _drain
+from kvmpy.net.ipfrag import Reassembler, is_fragment
 
 CDEF = r"""
 /* <netinet/in.h>, glibc x86-64/aarch64 layout */
@@ -158,7 +158,6 @@ TCP_SYN, TCP_RST, TCP_ACK = 0x02, 0x04, 0x10    # RFC 9293 3.1 control bits
 BOOTP_SERVER_PORT = 67           # RFC 951: slirp answers DHCP itself, no socket
 ICMP_ECHO = 8                    # RFC 792
 TCP_FIN = 0x01                   # RFC 9293 3.1
-IP_MF, IP_OFFSET = 0x2000, 0x1FFF   # RFC 791: flags + fragment offset field
 BROADCAST_IP = b"\xff\xff\xff\xff"
 
 ffi = FFI()
@@ -234,7 +233,7 @@ class SlirpBackend(Backend):
         self.guest_error_count = 0
         self.max_sockets = max(1, min(int(max_sockets), _fd_budget()))
         self.flows_refused = 0
-        self.fragments_dropped = 0
+        self._reasm = Reassembler()
         # what slirp answers itself, without a socket: pings of these, DHCP to the first or
         # to the broadcast address (libslirp ip_icmp.c icmp_input, udp.c udp_input)
         self._local = (socket.inet_aton(host), socket.inet_aton(dns))
@@ -383,6 +382,11 @@ class SlirpBackend(Backend):
             return self._revents[idx]
         return 0
 
+    @property
+    def fragments_dropped(self) -> int:
+        """Guest IPv4 fragments refused by the reassembly (kvmpy.net.ipfrag)."""
+        return self._reasm.dropped
+
     # -- the interface -------------------------------------------------------------------------
     def send(self, frame: bytes) -> None:
         """Guest -> host: one Ethernet frame. Replies that slirp makes at once (ARP, DHCP) are
@@ -390,10 +394,12 @@ class SlirpBackend(Backend):
         if self._closed or not 14 <= len(frame) <= MAX_FRAME:
             self.tx_dropped += 1
             return
-        if _is_fragment(frame):
-            self.fragments_dropped += 1
-            self.tx_dropped += 1
-            return
+        if is_fragment(frame):
+            with self._lock:
+                whole = self._reasm.add(frame)
+            if whole is None:        # held until the rest comes, or refused (counted there)
+                return
+            frame = whole
         flow = _new_flow(frame, self._local)
         with self._lock:
             if self._slirp == ffi.NULL:
@@ -553,12 +559,6 @@ def _fd_budget() -> int:
     import resource
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return MAX_SOCKETS if soft == resource.RLIM_INFINITY else max(16, soft // 4)
-
-
-def _is_fragment(frame: bytes) -> bool:
-    """An IPv4 fragment: MF set or a non-zero offset (RFC 791)."""
-    return (len(frame) >= 22 and frame[12] == ETH_P_IP >> 8 and frame[13] == ETH_P_IP & 0xFF
-            and bool(((frame[20] << 8) | frame[21]) & (IP_MF | IP_OFFSET)))
 
 
 def _unicast(ip: bytes) -> bool:

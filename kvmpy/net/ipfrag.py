@@ -1,0 +1,139 @@
+"""IPv4 reassembly of the guest's fragmented datagrams, in front of libslirp.
+
+libslirp 4.7 reassembles fragments itself, but a guest can crash the whole process through it:
+a last fragment that arrives with no fragment of its datagram queued (alone, before the first
+one, or again after the datagram completed) ends in SIGBUS or SIGSEGV inside libslirp.so. So
+the slirp backend never hands libslirp a fragment. It reassembles here and passes each
+datagram whole, as one frame (libslirp takes frames larger than the MTU: slirp_input grows its
+buffer to the frame), and the host's kernel fragments again where the datagram goes on.
+
+The rules (RFC 791 section 3.2, "Fragmentation and reassembly"): fragments belong together when
+source, destination, protocol and identification match; every fragment but the last carries a
+multiple of 8 bytes; a datagram is at most 65535 bytes, header included. Stricter than RFC 791,
+as hosts and firewalls are today: fragments that overlap, or disagree about where the datagram
+ends, drop the whole datagram (RFC 5722 makes that the rule for IPv6; no honest sender
+overlaps). A datagram not complete within TIMEOUT_S is dropped (RFC 791 suggests 15 s as the
+lower bound of that timer), and at most MAX_DATAGRAMS are in progress (a new one pushes out the
+oldest), so the memory a guest can make this hold is bounded (MAX_DATAGRAMS x 64 KiB).
+
+This module knows Ethernet + IPv4 headers only; it does not look at what the datagram carries.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+
+ETH_HLEN = 14
+IP_MF, IP_OFFSET = 0x2000, 0x1FFF   # RFC 791: the flags/fragment offset field
+MAX_DATAGRAM = 65535                # RFC 791: total length is 16 bits
+MAX_DATAGRAMS = 64
+TIMEOUT_S = 30.0
+
+
+def is_fragment(frame: bytes) -> bool:
+    """An Ethernet frame with an IPv4 fragment: MF set or a non-zero offset (RFC 791)."""
+    return (len(frame) >= ETH_HLEN + 8 and frame[12] == 0x08 and frame[13] == 0x00
+            and bool(((frame[20] << 8) | frame[21]) & (IP_MF | IP_OFFSET)))
+
+
+def _csum(data: bytes | bytearray) -> int:
+    """RFC 1071 Internet checksum (of an IPv4 header: an even number of bytes)."""
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+class _Datagram:
+    __slots__ = ("expires", "parts", "head", "end", "have")
+
+    def __init__(self, expires: float):
+        self.expires = expires
+        self.parts: list[tuple[int, int, bytes]] = []   # (start, end, payload)
+        self.head: bytes | None = None      # Ethernet + IP header of the fragment at offset 0
+        self.end: int | None = None         # payload length, known from the last fragment
+        self.have = 0                       # payload bytes held
+
+
+class Reassembler:
+    """Whole datagrams out of fragments; see the module docstring. Not thread-safe: the caller
+    serializes (the slirp backend calls it under its lock)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 max_datagrams: int = MAX_DATAGRAMS, timeout: float = TIMEOUT_S):
+        self._clock = clock
+        self._max = max_datagrams
+        self._timeout = timeout
+        self._pending: dict[bytes, _Datagram] = {}   # oldest first (dicts keep order)
+        self.fragments = 0      # fragments given to add()
+        self.dropped = 0        # fragments thrown away (malformed, overlapping, late, pushed out)
+        self.datagrams = 0      # datagrams reassembled
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, frame: bytes) -> bytes | None:
+        """Take one fragment (an Ethernet frame for which :func:`is_fragment` holds). Returns the
+        whole datagram as one Ethernet frame if this fragment completes it, else None."""
+        self.fragments += 1
+        now = self._clock()
+        self._expire(now)
+        if len(frame) < ETH_HLEN + 20:
+            return self._reject()
+        ihl = (frame[ETH_HLEN] & 0x0F) * 4
+        total = int.from_bytes(frame[16:18], "big")
+        if ihl < 20 or total < ihl or len(frame) < ETH_HLEN + total:
+            return self._reject()
+        field = int.from_bytes(frame[20:22], "big")
+        more = bool(field & IP_MF)
+        start = (field & IP_OFFSET) * 8
+        payload = frame[ETH_HLEN + ihl:ETH_HLEN + total]
+        end = start + len(payload)
+        if (more and (not payload or len(payload) % 8)) or ihl + end > MAX_DATAGRAM:
+            return self._reject()
+        key = frame[18:20] + frame[23:24] + frame[26:34]     # id, protocol, source, destination
+        d = self._pending.get(key)
+        if d is None:
+            if len(self._pending) >= self._max:             # push out the oldest
+                self._drop(next(iter(self._pending)))
+            d = self._pending[key] = _Datagram(now + self._timeout)
+        if (any(start < e and s < end for s, e, _ in d.parts)
+                or (d.end is not None and (end > d.end or (not more and end != d.end)))
+                or (not more and any(e > end for _, e, _ in d.parts))):
+            self._drop(key)                                  # overlap or a second, other end
+            return self._reject()
+        d.parts.append((start, end, payload))
+        d.have += len(payload)
+        if start == 0:
+            d.head = frame[:ETH_HLEN + ihl]
+        if not more:
+            d.end = end
+        if d.end is None or d.head is None or d.have != d.end:
+            return None
+        # No overlaps and every part inside [0, end): `have == end` means all of it is here.
+        del self._pending[key]
+        self.datagrams += 1
+        head = bytearray(d.head)
+        ip_hlen = len(head) - ETH_HLEN
+        head[16:18] = (ip_hlen + d.end).to_bytes(2, "big")   # total length
+        head[20:22] = b"\0\0"                                # not a fragment any more
+        head[24:26] = b"\0\0"
+        head[24:26] = _csum(head[ETH_HLEN:]).to_bytes(2, "big")
+        return bytes(head) + b"".join(p for _, _, p in sorted(d.parts, key=lambda t: t[0]))
+
+    def _reject(self) -> None:
+        self.dropped += 1
+        return None
+
+    def _drop(self, key: bytes) -> None:
+        d = self._pending.pop(key)
+        self.dropped += len(d.parts)
+
+    def _expire(self, now: float) -> None:
+        while self._pending:
+            key, d = next(iter(self._pending.items()))
+            if d.expires > now:       # insertion order is expiry order (one timeout for all)
+                break
+            self._drop(key)
