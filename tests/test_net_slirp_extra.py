@@ -273,3 +273,15 @@ def test_a_flow_opened_before_the_first_poll_lives():
                          cwd=os.path.dirname(__file__), timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_guest_frames_do_not_kill_the_vmm(seed):
+    # tests/slirp_fuzz.py in its own process: libslirp crashing would end it with a signal
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                       "slirp_fuzz.py"), str(seed), "4000"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"status {out.returncode}: {out.stderr[-800:]}"
+    assert out.stdout.startswith(f"ok {seed} 4000")
