@@ -101,24 +101,30 @@ def test_bounded_in_number_and_in_time():
     assert r.pending == 1 and r.dropped == 10 + MAX_DATAGRAMS
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 0x1FFF), st.booleans(), st.integers(0, 64),
-                          st.integers(0, 3)), max_size=12))
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 0x1FFF), st.booleans(),
+                          st.sampled_from([0, 8, 16, 24, 64, 1480, 65480]),
+                          st.integers(0, 3), st.integers(5, 15)), max_size=12))
 def test_random_fragments_never_raise_and_only_whole_datagrams_come_out(frags):
     r = Reassembler()
-    for off8, more, n, ident in frags:
-        d = datagram(b"q" * max(n, 8), ident=ident)
-        hdr = bytearray(d[:20])
-        hdr[2:4] = (20 + n).to_bytes(2, "big")
+    for off8, more, n, ident, words in frags:
+        hlen = 4 * words
+        n = min(n, 65535 - hlen)
+        hdr = bytearray(datagram(b"", ident=ident)[:20] + b"\x01" * (hlen - 20))
+        hdr[0] = 0x40 | words
+        hdr[2:4] = (hlen + n).to_bytes(2, "big")
         hdr[6:8] = ((0x2000 if more else 0) | off8).to_bytes(2, "big")
+        hdr[10:12] = b"\0\0"
+        hdr[10:12] = csum(bytes(hdr)).to_bytes(2, "big")
         frame = eth(SLIRP_MAC, GUEST_MAC, ETH_IP, bytes(hdr) + b"q" * n)
         if not is_fragment(frame):        # offset 0 and no MF: not the reassembler's
             continue
         out = r.add(frame)
         if out is not None:
-            assert not is_fragment(out) and csum(out[14:34]) == 0
-            assert struct.unpack("!H", out[16:18])[0] == len(out) - 14
-            assert set(out[34:]) <= {ord("q")}
+            hl = (out[14] & 15) * 4
+            assert not is_fragment(out) and csum(out[14:14 + hl]) == 0
+            assert struct.unpack("!H", out[16:18])[0] == len(out) - 14 <= 65535
+            assert set(out[14 + hl:]) <= {ord("q")}
 
 
 def test_a_datagram_larger_than_the_mtu_reaches_the_host_through_slirp():
@@ -140,3 +146,62 @@ def test_a_datagram_larger_than_the_mtu_reaches_the_host_through_slirp():
             assert got == data and b.fragments_dropped == 0
     finally:
         server.close()
+
+
+def _with_options(dgram: bytes, words: int) -> bytes:
+    """``dgram`` with ``words`` 32-bit words of IP options (NOPs) in its header."""
+    hdr = bytearray(dgram[:20] + b"\x01" * (4 * words))
+    hdr[0] = 0x40 | (5 + words)
+    hdr[2:4] = (len(dgram) + 4 * words).to_bytes(2, "big")
+    hdr[10:12] = b"\0\0"
+    hdr[10:12] = csum(bytes(hdr)).to_bytes(2, "big")
+    return bytes(hdr) + dgram[20:]
+
+
+def test_the_first_fragments_header_counts_toward_64_kib():
+    # each fragment fits with its own 20-byte header, but the datagram carries the first
+    # fragment's 60-byte one: 60 + 65496 > 65535. Refused, never an exception.
+    big = datagram(b"w" * (65535 - 20 - 8))                  # payload 65496 (multiple of 8)
+    first = _with_options(datagram(b"w" * 1480), 10)         # 60-byte header ...
+    first = bytearray(first)
+    first[6:8] = (0x2000).to_bytes(2, "big")                 # ... as the first fragment
+    first[10:12] = b"\0\0"
+    first[10:12] = csum(bytes(first[:60])).to_bytes(2, "big")
+    first = eth(SLIRP_MAC, GUEST_MAC, ETH_IP, bytes(first))
+    r = Reassembler()
+    frags = [fragment(big, a, min(a + 1480, 65496), a + 1480 < 65496)
+             for a in range(1480, 65496, 1480)]
+    out = [r.add(f) for f in frags + [bytes(first)]]
+    assert out == [None] * len(out) and r.datagrams == 0 and r.dropped > 0
+    assert [r.add(f) for f in reversed(frags + [bytes(first)])] == [None] * len(out)
+
+
+def test_bad_header_checksum_version_and_too_many_pieces_are_refused():
+    dgram = datagram(b"v" * 2048)
+    bad = bytearray(fragment(dgram, 0, 1024, True))
+    bad[24] ^= 0xFF                                          # header checksum
+    v6 = bytearray(fragment(dgram, 0, 1024, True))
+    v6[14] = 0x65
+    r = Reassembler()
+    assert r.add(bytes(bad)) is None and r.add(bytes(v6)) is None and r.dropped == 2
+    pieces = [fragment(dgram, a, a + 8, True) for a in range(0, 8 * 200, 8)]
+    assert all(r.add(f) is None for f in pieces)
+    assert r.pending <= 1 and r.dropped > 2 + 200 - 128    # the 129th piece drops the datagram
+
+
+def test_a_first_fragment_with_options_keeps_them():
+    dgram = _with_options(datagram(b"o" * 3000), 2)
+    r = Reassembler()
+    hdr_len = 28
+    n = len(dgram) - hdr_len
+    frags = []
+    for a in range(0, n, 1480):
+        payload = dgram[hdr_len:][a:a + 1480]
+        hdr = bytearray(dgram[:hdr_len])
+        hdr[2:4] = (hdr_len + len(payload)).to_bytes(2, "big")
+        hdr[6:8] = ((0x2000 if a + 1480 < n else 0) | a // 8).to_bytes(2, "big")
+        hdr[10:12] = b"\0\0"
+        hdr[10:12] = csum(bytes(hdr)).to_bytes(2, "big")
+        frags.append(eth(SLIRP_MAC, GUEST_MAC, ETH_IP, bytes(hdr) + payload))
+    out = [r.add(f) for f in frags][-1]
+    assert out == whole(dgram)

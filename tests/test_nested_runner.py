@@ -2,7 +2,9 @@
 runs it after the suite): its --if-needed decision (only where this host's KVM cannot boot Linux
 itself), its watchdog for a stuck L1 and the retry, and what it reports when it cannot run.
 (The nested run itself is not started from here; `make test` does that.)"""
+import os
 import sys
+import time
 from pathlib import Path
 
 import kvmpy.doctor
@@ -34,16 +36,54 @@ def test_if_needed_runs_on_a_software_kvm_host(monkeypatch, capsys):
     assert "running the hwvirt tests" in capsys.readouterr().out
 
 
-def test_run_l1_kills_a_silent_l1_and_reads_the_status_of_a_live_one():
-    import time
+def _alive(marker: str) -> bool:
+    """Whether a process whose command line holds ``marker`` is still running."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def test_run_l1_kills_a_silent_l1_and_everything_it_started():
+    # the real shape: QEMU under timeout(1). Killing timeout alone left QEMU running (and the
+    # pipe open, so the runner hung): the whole process group must go.
     t = time.monotonic()
-    status, lost = hwvirt_in_qemu.run_l1(["sh", "-c", "echo booting; exec sleep 60"],
-                                         lost_after=1)
-    assert (status, lost) == (3, True) and time.monotonic() - t < 30
-    status, lost = hwvirt_in_qemu.run_l1(
-        ["sh", "-c", "echo 'L1: alive'; sleep 0.5; echo 'L1: command exit status 5'"],
-        lost_after=5)
-    assert (status, lost) == (5, False)
+    run = hwvirt_in_qemu.run_l1(["timeout", "-k", "10", "120", "sh", "-c",
+                                 "echo 'L1: /dev/kvm ready'; exec sleep 61.2345"],
+                                lost_after=1, first_after=1)
+    assert run.lost and run.status == 3 and run.kvm is True
+    assert time.monotonic() - t < 20
+    time.sleep(0.2)
+    assert not _alive("61.2345")
+
+
+def test_kernel_messages_are_no_sign_of_life():
+    run = hwvirt_in_qemu.run_l1(
+        ["sh", "-c", "echo 'L1: alive'; while :; do echo '[ 12.3] watchdog: BUG: soft lockup'; "
+                     "sleep 0.2; done"], lost_after=1.5, first_after=1.5)
+    assert run.lost and run.last_beat == "L1: alive"
+
+
+def test_a_reported_status_is_kept_when_l1_then_hangs():
+    t = time.monotonic()
+    run = hwvirt_in_qemu.run_l1(
+        ["sh", "-c", "echo 'tests/test_x.py::test_y FAILED'; echo '==== 1 failed, 2 passed in "
+                     "3.0s ===='; echo 'L1: command exit status 1'; exec sleep 62.5432"],
+        lost_after=30, done_grace=1)
+    assert (run.status, run.lost, run.passed, run.last_test) == \
+        (1, False, 2, "tests/test_x.py::test_y")
+    assert time.monotonic() - t < 20 and not _alive("62.5432")
+
+
+def test_run_l1_reads_the_status_of_a_live_one():
+    run = hwvirt_in_qemu.run_l1(
+        ["sh", "-c", "echo 'L1: alive'; sleep 0.5; echo '===== 6 passed in 221.6s ====='; "
+                     "echo 'L1: command exit status 0'"], lost_after=5)
+    assert (run.status, run.lost, run.passed) == (0, False, 6)
 
 
 def _fake_run(monkeypatch, results):
@@ -56,7 +96,9 @@ def _fake_run(monkeypatch, results):
 
     def run_l1(cmd):
         calls.append(cmd)
-        return results[len(calls) - 1]
+        status, lost = results[len(calls) - 1]
+        return hwvirt_in_qemu.L1Run(status, lost, None if lost else True,
+                                    0 if lost or status else 6, "tests/a.py::b", "L1: alive")
     monkeypatch.setattr(hwvirt_in_qemu, "run_l1", run_l1)
     return calls
 
@@ -97,3 +139,22 @@ def test_no_memory_or_no_l1_kernel_is_not_run_under_if_needed(monkeypatch, capsy
         pass
     else:
         raise AssertionError("the missing kernel was not reported")
+
+
+def test_nothing_passed_or_no_kvm_in_l1_is_not_a_pass(monkeypatch, capsys):
+    _fake_run(monkeypatch, [(0, False)])
+    monkeypatch.setattr(hwvirt_in_qemu, "run_l1",
+                        lambda cmd: hwvirt_in_qemu.L1Run(0, False, True, 0, "", ""))
+    assert hwvirt_in_qemu.main(["--if-needed"]) == 5          # all skipped: not a pass
+    monkeypatch.setattr(hwvirt_in_qemu, "run_l1",
+                        lambda cmd: hwvirt_in_qemu.L1Run(0, False, False, 0, "", ""))
+    assert hwvirt_in_qemu.main([]) == 4
+    assert "no /dev/kvm" in capsys.readouterr().err
+
+
+def test_no_retry_without_the_time_for_one(monkeypatch, capsys):
+    calls = _fake_run(monkeypatch, [(3, True), (0, False)])
+    clock = iter([0.0, 0.0, hwvirt_in_qemu.STEP_LIMIT_S - 10, hwvirt_in_qemu.STEP_LIMIT_S - 10])
+    monkeypatch.setattr(hwvirt_in_qemu.time, "monotonic", lambda: next(clock))
+    assert hwvirt_in_qemu.main(["--if-needed"]) == 0 and len(calls) == 1
+    assert "no time for another try" in capsys.readouterr().err

@@ -13,8 +13,12 @@ multiple of 8 bytes; a datagram is at most 65535 bytes, header included. Stricte
 as hosts and firewalls are today: fragments that overlap, or disagree about where the datagram
 ends, drop the whole datagram (RFC 5722 makes that the rule for IPv6; no honest sender
 overlaps). A datagram not complete within TIMEOUT_S is dropped (RFC 791 suggests 15 s as the
-lower bound of that timer), and at most MAX_DATAGRAMS are in progress (a new one pushes out the
-oldest), so the memory a guest can make this hold is bounded (MAX_DATAGRAMS x 64 KiB).
+lower bound of that timer), at most MAX_DATAGRAMS are in progress (a new one pushes out the
+oldest) and a datagram may come in at most MAX_PARTS fragments (a 64 KiB datagram at the
+smallest MTU a guest would use, 576, is 114), so what a guest can make this hold is bounded:
+MAX_DATAGRAMS x (64 KiB + MAX_PARTS small objects), and each fragment costs at most MAX_PARTS
+comparisons. A fragment whose header is not IPv4 or whose header checksum is wrong is dropped
+(RFC 1122 3.2.1.2), as libslirp drops such an unfragmented datagram.
 
 This module knows Ethernet + IPv4 headers only; it does not look at what the datagram carries.
 """
@@ -28,6 +32,7 @@ ETH_HLEN = 14
 IP_MF, IP_OFFSET = 0x2000, 0x1FFF   # RFC 791: the flags/fragment offset field
 MAX_DATAGRAM = 65535                # RFC 791: total length is 16 bits
 MAX_DATAGRAMS = 64
+MAX_PARTS = 128
 TIMEOUT_S = 30.0
 
 
@@ -84,7 +89,8 @@ class Reassembler:
             return self._reject()
         ihl = (frame[ETH_HLEN] & 0x0F) * 4
         total = int.from_bytes(frame[16:18], "big")
-        if ihl < 20 or total < ihl or len(frame) < ETH_HLEN + total:
+        if (frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or total < ihl
+                or len(frame) < ETH_HLEN + total or _csum(frame[ETH_HLEN:ETH_HLEN + ihl])):
             return self._reject()
         field = int.from_bytes(frame[20:22], "big")
         more = bool(field & IP_MF)
@@ -99,10 +105,15 @@ class Reassembler:
             if len(self._pending) >= self._max:             # push out the oldest
                 self._drop(next(iter(self._pending)))
             d = self._pending[key] = _Datagram(now + self._timeout)
-        if (any(start < e and s < end for s, e, _ in d.parts)
+        if (len(d.parts) >= MAX_PARTS
+                or any(start < e and s < end for s, e, _ in d.parts)
                 or (d.end is not None and (end > d.end or (not more and end != d.end)))
-                or (not more and any(e > end for _, e, _ in d.parts))):
-            self._drop(key)                                  # overlap or a second, other end
+                or (not more and any(e > end for _, e, _ in d.parts))
+                or (start == 0 and ihl + max([end] + [e for _, e, _ in d.parts]) > MAX_DATAGRAM)
+                or (d.head is not None and len(d.head) - ETH_HLEN + end > MAX_DATAGRAM)):
+            # too many pieces, an overlap, a second (other) end, or more than 64 KiB with the
+            # first fragment's header (each fragment was checked with its own header length)
+            self._drop(key)
             return self._reject()
         d.parts.append((start, end, payload))
         d.have += len(payload)

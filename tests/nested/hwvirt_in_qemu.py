@@ -22,13 +22,18 @@ Needs qemu-system-x86_64 (`make deps` installs it when missing) and about 6 GiB 
 
 L1 itself has been seen to stop (one run in seven, in the second session: QEMU busy, no output
 for 17 minutes, not even pytest's own timeouts firing). So L1's init prints a heartbeat every
-20 s; if none comes for HEARTBEAT_LOST_S, L1 is taken to be stuck, QEMU is killed and the run
-starts again, once. Inside L1, pytest is bounded too (PYTEST_LIMIT_S), so a hang of kvmpy or of
-a test ends as a failure with pytest's status, not as a lost L1.
+20 s (with what the Python processes in it are doing); if no sign of life comes for
+HEARTBEAT_LOST_S, L1 is taken to be stuck, QEMU is killed and the run starts again, once.
+Inside L1, pytest is bounded too (PYTEST_LIMIT_S) and stops at its first failure, so a hang of
+kvmpy or of a test ends as a failure with pytest's status, not as a lost L1.
 
-Exit status: pytest's inside L1; 3 if L1 never reported it (see the log); 4 if L1 stopped
-responding on both tries (an emulation failure, not a test result). ``--if-needed`` (what
-`make test` runs) returns 0 for that last case, saying loudly that the tests were NOT run.
+The whole step is bounded (STEP_LIMIT_S, a retry only with MIN_TRY_S left), so that `make
+test`, the suite included, stays under 20 minutes however L1 behaves.
+
+Exit status: pytest's inside L1; 3 if L1 never reported it (see the log); 4 if the tests could
+not run (L1 stuck on every try, or no /dev/kvm in L1: not a test result); 5 if pytest passed
+without passing a test. ``--if-needed`` (what `make test` runs) returns 0 instead of 4, saying
+loudly that the tests were NOT RUN.
 """
 from __future__ import annotations
 
@@ -36,10 +41,13 @@ import os
 import queue
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+import typing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -55,10 +63,16 @@ CACHE = os.path.join(os.environ.get("KVMPY_CACHE", os.path.expanduser("~/.cache/
 L1_MODULES = ["kvm_amd", "virtio_pci", "9pnet_virtio", "9p"]
 DEFAULT_TESTS = ["tests/test_linux_hwvirt.py", "tests/test_virtio_hwvirt.py"]
 STATUS_RE = re.compile(rb"L1: command exit status (\d+)")
-LIMIT_S = 1800                  # one nested run; it takes ~4-5 minutes on 2 cores
-PYTEST_LIMIT_S = 1500           # pytest inside L1 (its tests' own timeouts are far shorter)
+PASSED_RE = re.compile(rb"=+ .*?(\d+) passed")   # pytest's last line
+# Time: a normal run takes ~4-5 minutes on 2 cores (L1 boots in ~40 s, the six tests ~230 s).
+STEP_LIMIT_S = 900              # all tries together: with the suite, `make test` stays < 20 min
+LIMIT_S = 720                   # one try (QEMU under timeout(1), as a last bound)
+MIN_TRY_S = 360                 # a retry starts only with this much of STEP_LIMIT_S left
+PYTEST_LIMIT_S = 600            # pytest inside L1, which also stops at its first failure
 HEARTBEAT_S = 20                # L1's init prints "L1: alive" this often ...
-HEARTBEAT_LOST_S = 240          # ... and L1 is stuck if the console is silent this long
+HEARTBEAT_LOST_S = 240          # ... and L1 is stuck after this long without a sign of life
+FIRST_SIGN_S = 480              # QEMU's firmware and L1's kernel before the first "L1:" line
+DONE_GRACE_S = 60               # after L1 reported the tests' status, to power off
 TRIES = 2
 L1_MEM = "6G"                   # L1's RAM: L2 guests of 512 MiB and the tests' files in tmpfs
 L1_MEM_NEEDED = 7 << 30         # what --if-needed wants available before it starts L1
@@ -164,7 +178,7 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 0
     scale = os.environ.get("KVMPY_TEST_TIME_SCALE", "4")
-    pytest_args = argv or ["-m", "hwvirt", *DEFAULT_TESTS]
+    pytest_args = argv or ["-m", "hwvirt", "--maxfail=1", *DEFAULT_TESTS]
     # The tests' temporary files (disk images, the guest's initramfs) go to a tmpfs in L1
     # (/run there), not over 9p; the checkout itself may be anywhere, /tmp included. -v: a
     # line per test as it ends (progress in the log). timeout(1) --foreground and stdin from
@@ -177,32 +191,52 @@ def main(argv: list[str]) -> int:
                 f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider -v -rA "
                 f"{' '.join(shlex.quote(a) for a in pytest_args)} </dev/null\n")
         script = f.name
-    # timeout(1): a bound on the whole run even if the watchdog below failed.
-    cmd = ["timeout", "-k", "10", str(LIMIT_S),
-           qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", L1_MEM,
-           "-M", "q35", "-nographic", "-no-reboot", "-nic", "none",
-           "-kernel", kernel, "-initrd", initrd,
-           "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 nested.cmd={script}",
-           "-fsdev", "local,id=host,path=/,security_model=none,multidevs=remap",
-           "-device", "virtio-9p-pci,fsdev=host,mount_tag=hostroot"]
+
+    def command(limit: float) -> list[str]:
+        # timeout(1): a bound on the try even if this script died (the watchdog is below).
+        return ["timeout", "-k", "10", str(int(limit)),
+                qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", L1_MEM,
+                "-M", "q35", "-nographic", "-no-reboot", "-nic", "none",
+                "-kernel", kernel, "-initrd", initrd,
+                "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 nested.cmd={script}",
+                "-fsdev", "local,id=host,path=/,security_model=none,multidevs=remap",
+                "-device", "virtio-9p-pci,fsdev=host,mount_tag=hostroot"]
+
+    deadline = time.monotonic() + STEP_LIMIT_S
+    run = None
     try:
         for attempt in range(1, TRIES + 1):
-            status, lost = run_l1(cmd)
-            if not lost:
+            left = deadline - time.monotonic()
+            if run is not None and left < MIN_TRY_S:
+                print(f"hwvirt_in_qemu: {left:.0f} s left of {STEP_LIMIT_S} s: no time for "
+                      "another try", file=sys.stderr)
                 break
-            print(f"hwvirt_in_qemu: L1 printed nothing for {HEARTBEAT_LOST_S} s, not even its "
-                  f"heartbeat: it is stuck (QEMU's emulation), killed (try {attempt} of {TRIES})",
-                  file=sys.stderr, flush=True)
+            run = run_l1(command(min(LIMIT_S, left)))
+            if not run.lost:
+                break
+            print(f"hwvirt_in_qemu: no sign of life from L1 for {HEARTBEAT_LOST_S} s, not even "
+                  f"its heartbeat: it is stuck (QEMU's emulation), killed (try {attempt} of "
+                  f"{TRIES}; last test: {run.last_test or '-'}; last heartbeat: "
+                  f"{run.last_beat or '-'})", file=sys.stderr, flush=True)
     finally:
         os.unlink(script)
-    if lost:
-        print(f"hwvirt_in_qemu: the hwvirt tests were NOT RUN: L1 got stuck on all {TRIES} tries "
-              "(an emulation failure inside QEMU, not a kvmpy test result)", file=sys.stderr)
+    not_run = None
+    if run.lost:
+        not_run = (f"L1 got stuck (an emulation failure inside QEMU, not a kvmpy test result; "
+                   f"last test: {run.last_test or '-'})")
+    elif run.kvm is False:
+        not_run = "L1 has no /dev/kvm (does this QEMU emulate SVM?)"
+    if not_run:
+        print(f"hwvirt_in_qemu: the hwvirt tests were NOT RUN: {not_run}", file=sys.stderr)
         return 0 if if_needed else 4
-    if status == 3:
-        print(f"hwvirt_in_qemu: L1 did not report the tests' status (past {LIMIT_S} s, or no "
-              "/dev/kvm in L1: see the log above)", file=sys.stderr)
-    return status
+    if run.status == 3:
+        print(f"hwvirt_in_qemu: L1 did not report the tests' status (its time ran out: see the "
+              "log above)", file=sys.stderr)
+    elif run.status == 0 and not run.passed:
+        print("hwvirt_in_qemu: pytest in L1 passed no test (all skipped or none collected?)",
+              file=sys.stderr)
+        return 5
+    return run.status
 
 
 def _mem_available() -> int:
@@ -217,34 +251,78 @@ def _mem_available() -> int:
     return 0
 
 
-def run_l1(cmd: list[str], lost_after: float | None = None) -> tuple[int, bool]:
-    """Run QEMU (L1) and copy its console here; (the status L1 reported or 3, whether L1 was
-    killed for printing nothing for ``lost_after`` seconds)."""
-    lost_after = HEARTBEAT_LOST_S if lost_after is None else lost_after
-    status = 3
+class L1Run(typing.NamedTuple):
+    status: int             # the status L1 reported for the tests, 3 if none
+    lost: bool              # killed: no sign of life for too long
+    kvm: bool | None        # L1 said "/dev/kvm ready" (True) or "no /dev/kvm" (False)
+    passed: int             # "N passed" from pytest's summary line
+    last_test: str          # the last test pytest named
+    last_beat: str          # L1's last heartbeat
+
+
+def run_l1(cmd: list[str], lost_after: float = HEARTBEAT_LOST_S,
+           first_after: float = FIRST_SIGN_S, done_grace: float = DONE_GRACE_S) -> L1Run:
+    """Run QEMU (L1), copying its console here, until it exits, or until it shows no sign of
+    life (a line from L1's init, its heartbeat or pytest; kernel messages do not count) for
+    ``lost_after`` seconds (``first_after`` before its first "L1:" line), or until
+    ``done_grace`` seconds after it reported the tests' status. QEMU runs in a session of its
+    own and its whole process group is killed on the way out, whatever the way."""
+    status, kvm, passed, last_test, last_beat = 3, None, 0, "", ""
+    seen_l1 = lost = False
+    done_at = None
     lines: queue.Queue = queue.Queue()
-    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT) as p:
-        def pump():
-            for line in p.stdout:
-                lines.put(line)
-            lines.put(None)
-        threading.Thread(target=pump, daemon=True).start()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def pump():
+        for line in p.stdout:
+            lines.put(line)
+        lines.put(None)
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    try:
+        last_sign = time.monotonic()
         while True:
+            now = time.monotonic()
+            wait = (done_at + done_grace - now if done_at is not None
+                    else last_sign + (lost_after if seen_l1 else first_after) - now)
             try:
-                line = lines.get(timeout=lost_after)
+                line = lines.get(timeout=max(0.0, wait))
             except queue.Empty:
-                p.kill()
-                p.wait()
-                return status, True
+                lost = done_at is None
+                break
             if line is None:
                 break
             sys.stdout.buffer.write(line)
             sys.stdout.flush()
+            text = line.strip()
+            if not text.startswith(b"["):        # printk lines of a stuck kernel do not count
+                last_sign = time.monotonic()
+            if text.startswith(b"L1:"):
+                seen_l1 = True
+                if text.startswith(b"L1: alive"):
+                    last_beat = text.decode(errors="replace")
+                elif b"/dev/kvm ready" in text:
+                    kvm = True
+                elif b"no /dev/kvm" in text:
+                    kvm = False
+            if text.startswith(b"tests/"):
+                last_test = text.split()[0].decode(errors="replace")
             m = STATUS_RE.search(line)
             if m:
-                status = int(m.group(1))
-    return status, False
+                status, done_at = int(m.group(1)), time.monotonic()
+            m = PASSED_RE.search(line)
+            if m:
+                passed = int(m.group(1))
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)     # timeout(1) and QEMU: its session's group
+        except ProcessLookupError:
+            pass
+        p.wait()
+        pumper.join(10)
+        p.stdout.close()
+    return L1Run(status, lost, kvm, passed, last_test, last_beat)
 
 
 if __name__ == "__main__":
