@@ -7,8 +7,10 @@
 
 Keywords mirror the CLI: ``kernel=, initrd=, append=, cpus=`` boot Linux (``kvmpy boot``);
 ``image=, mode=, load=, entry=, irqchip=`` run a flat binary (``kvmpy run``); ``mem=`` is a size
-('512M') or bytes; ``disks=["rootfs.ext4", "data.img,ro"]``, ``nets=["user"]``, ``rng=True`` and
-``transport=`` add virtio devices as ``--disk``/``--net``/``--rng`` do. The VM starts on ``__enter__`` (or ``start()``), and ``close()`` / ``__exit__``
+('512M') or bytes; ``disks=["rootfs.ext4", "data.img,ro"]``, ``nets=["user"]``, ``rng=True``,
+``virtio_console=True`` and ``transport=`` add virtio devices as ``--disk``/``--net``/``--rng``/
+``--virtio-console`` do (with a virtio console, ``vm.console.send`` types into hvc0, as the
+CLI's stdin does; boot Linux with ``console=hvc0`` to have its shell there). The VM starts on ``__enter__`` (or ``start()``), and ``close()`` / ``__exit__``
 release every fd, mmap and thread whatever happened, KeyboardInterrupt included. Many VMs may run
 in one process, from several threads.
 """
@@ -89,7 +91,8 @@ class Console:
                 self._cond.wait(left)
 
     def send(self, data: bytes | str, timeout: float = 10.0) -> None:
-        """Type ``data`` into the guest's UART, as fast as the guest drains its FIFO."""
+        """Type ``data`` into the guest's console input (COM1's FIFO, or hvc0's receive
+        buffers with a virtio console), as fast as the guest drains it."""
         if isinstance(data, str):
             data = data.encode()
         deadline = time.monotonic() + timeout
@@ -141,13 +144,14 @@ class VM:
                  append: str | None = None, image: str | None = None, mode: str | None = None,
                  load: int | None = None, entry: int | None = None, mem="256M", cpus: int = 1,
                  irqchip: bool = False, disks=(), nets=(), rng: bool = False,
-                 transport: str | None = None, timeout: float | None = None,
+                 virtio_console: bool = False, transport: str | None = None, timeout: float | None = None,
                  trace: str | None = None, kvm_path: str | None = None, fast_boot: bool = False):
         if (kernel is None) == (image is None):
             raise KvmpyError("kvmpy.VM needs either kernel= (Linux) or image= and mode= "
                              "(a flat binary)")
         devices = ([("disk", d) for d in disks] + [("net", n) for n in nets]
-                   + ([("rng", None)] if rng else []))
+                   + ([("rng", None)] if rng else [])
+                   + ([("virtio-console", None)] if virtio_console else []))
         self.console = Console()
         self.timeout = timeout
         self._trace_file = None
@@ -182,7 +186,8 @@ class VM:
             if self._trace_file:
                 self._trace_file.close()
             raise
-        self.console.uart = self._machine.console
+        # where typed input goes: COM1, or the guest's hvc0 when there is a virtio console
+        self.console.uart = self._machine.input_device or self._machine.console
         self.console._pause_vm = lambda: self._machine.pause(wait=False)
         self._started = False
         self._result: ExitResult | None = None

@@ -66,9 +66,10 @@ MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_cons
 
 #: busybox applets linked in /bin: a shell session, module loading, networking, disks.
 APPLETS = (
-    "[", "ash", "awk", "basename", "blockdev", "cat", "chmod", "chown", "clear", "cp", "cpio",
-    "cttyhack", "cut", "date", "dd", "devmem", "df", "dirname", "dmesg", "du", "echo", "env",
-    "expr", "false", "fdisk", "find", "free", "grep", "gunzip", "gzip", "halt", "head",
+    "[", "ash", "awk", "basename", "blkdiscard", "blockdev", "cat", "chmod", "chown", "clear",
+    "cp", "cpio", "cttyhack", "cut", "date", "dd", "devmem", "df", "dirname", "dmesg", "du",
+    "echo", "env", "expr", "false", "fdisk", "find", "free", "fstrim", "grep", "gunzip", "gzip",
+    "halt", "head",
     "hexdump", "hostname", "hwclock", "ifconfig", "init", "insmod", "ip", "kill", "less", "ln",
     "losetup", "ls", "lsmod", "md5sum", "mkdir", "mke2fs", "mknod", "mktemp", "modinfo",
     "modprobe", "more", "mount", "mv", "nc", "nproc", "nslookup", "od", "ping", "poweroff",

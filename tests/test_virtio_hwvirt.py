@@ -33,6 +33,9 @@ def test_blk_ext4_rng_and_user_net(guest, tmp_path):
     with open(disk, "wb") as f:
         f.truncate(64 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
+    ro_disk = tmp_path / "ro.img"                  # a read-only second disk: /dev/vdb
+    ro_disk.write_bytes(b"read-only!" * 52429 + b"\0" * 6)   # 512 KiB
+    ro_before = ro_disk.read_bytes()
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "hello.txt").write_text("served by the host\n")
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(  # noqa: E731
@@ -42,12 +45,23 @@ def test_blk_ext4_rng_and_user_net(guest, tmp_path):
     port = server.server_address[1]
     try:
         with kvmpy.VM(kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline,
-                      mem="512M", disks=[str(disk)], nets=["user"], rng=True,
-                      timeout=T(240)) as vm:
+                      mem="512M", disks=[str(disk), f"{ro_disk},ro"], nets=["user"],
+                      rng=True, timeout=T(240)) as vm:
             vm.console.expect(PROMPT, timeout=T(120))
             sh(vm, "mkdir -p /mnt && mount /dev/vda /mnt && echo mounted", rb"\nmounted")
             sh(vm, "echo kvmpy-was-here > /mnt/f && sync && cat /mnt/f", rb"kvmpy-was-here")
+            # discard: a file's blocks, freed and trimmed, are holes in the image again
+            sh(vm, "dd if=/dev/urandom of=/mnt/big bs=1M count=4 2>/dev/null && sync && "
+                   "echo written", rb"\nwritten", 60)
+            allocated = disk.stat().st_blocks * 512
+            sh(vm, "rm /mnt/big && sync && fstrim /mnt && echo trimmed", rb"\ntrimmed", 60)
+            assert allocated - disk.stat().st_blocks * 512 >= 3 << 20
             sh(vm, "umount /mnt && echo done", rb"\ndone")
+            # the read-only disk: the guest sees it read-only, and a write is refused
+            sh(vm, "cat /sys/block/vdb/ro; head -c 10 /dev/vdb; echo", rb"1\r?\nread-only!")
+            sh(vm, "blockdev --setrw /dev/vdb; dd if=/dev/zero of=/dev/vdb bs=512 count=1 "
+                   "oflag=direct 2>&1 | tail -1",
+               rb"(Read-only file system|Operation not permitted|I/O error)")
             sh(vm, "udhcpc -i eth0 -q -n && ip -4 addr show eth0", rb"10\.0\.2\.15", 60)
             sh(vm, f"wget -q -O - http://10.0.2.2:{port}/hello.txt", rb"served by the host")
             sh(vm, "head -c 16 /dev/hwrng | hexdump | head -1", rb"0000000 ")
@@ -57,3 +71,17 @@ def test_blk_ext4_rng_and_user_net(guest, tmp_path):
         server.shutdown()
     out = subprocess.run(["debugfs", "-R", "cat /f", str(disk)], capture_output=True, text=True)
     assert "kvmpy-was-here" in out.stdout
+    assert ro_disk.read_bytes() == ro_before
+
+
+def test_virtio_console_is_the_guests_console(guest):
+    # console=hvc0: the kernel's console and the shell are on kvmpy's virtio-console; what the
+    # test types goes to hvc0 (vm.console follows the CLI's stdin there).
+    append = guest.cmdline.replace("console=ttyS0", "console=hvc0")
+    with kvmpy.VM(kernel=guest.kernel, initrd=guest.initrd, append=append, mem="512M",
+                  virtio_console=True, timeout=T(240)) as vm:
+        vm.console.expect(PROMPT, timeout=T(120))
+        sh(vm, "tty; cat /proc/consoles", rb"/dev/hvc0[\s\S]*hvc0")
+        sh(vm, "echo $((6 * 7))-via-hvc0", rb"\n42-via-hvc0")
+        vm.console.sendline("reboot")
+        assert vm.wait(T(60)).status == 0

@@ -111,6 +111,17 @@ def test_disks_and_rng_keywords(build_guest, tmp_path):
     assert names == ["virtio0", "virtio1"]
 
 
+def test_virtio_console_keyword_takes_the_typed_input(build_guest):
+    from kvmpy.virtio.console import RX_BUFFER_MAX, VirtioConsole
+    with kvmpy.VM(image=build_guest("uart_hello"), mode="real", virtio_console=True) as vm:
+        assert vm.wait(10).status == 0x21
+        assert isinstance(vm.console.uart, VirtioConsole)   # send() feeds hvc0, not COM1
+        vm.console.send(b"queued")                         # no driver: held, bounded
+        assert vm.console.uart.rx_free() == RX_BUFFER_MAX - 6
+        names = [m.name for m in vm.machine.mmio.mappings]
+    assert names == ["virtio0"]
+
+
 TICKS = """
         .code16
         xor %ebp, %ebp
