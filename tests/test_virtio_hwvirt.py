@@ -34,7 +34,7 @@ def test_blk_ext4_rng_and_user_net(guest, tmp_path):
         f.truncate(64 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(disk)], check=True)
     ro_disk = tmp_path / "ro.img"                  # a read-only second disk: /dev/vdb
-    ro_disk.write_bytes(b"read-only!" * 52429 + b"\0" * 6)   # 512 KiB
+    ro_disk.write_bytes(b"read-only!" * 52428 + b"\0" * 8)   # 512 KiB
     ro_before = ro_disk.read_bytes()
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "hello.txt").write_text("served by the host\n")

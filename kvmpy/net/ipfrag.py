@@ -15,7 +15,8 @@ ends, drop the whole datagram (RFC 5722 makes that the rule for IPv6; no honest 
 overlaps). A datagram not complete within TIMEOUT_S is dropped (RFC 791 suggests 15 s as the
 lower bound of that timer), at most MAX_DATAGRAMS are in progress (a new one pushes out the
 oldest) and a datagram may come in at most MAX_PARTS fragments (a 64 KiB datagram at the
-smallest MTU a guest would use, 576, is 114), so what a guest can make this hold is bounded:
+smallest MTU IPv4 hosts must accept, 576, is 119 fragments; 128 with 60-byte headers), so what
+a guest can make this hold is bounded:
 MAX_DATAGRAMS x (64 KiB + MAX_PARTS small objects), and each fragment costs at most MAX_PARTS
 comparisons. A fragment whose header is not IPv4 or whose header checksum is wrong is dropped
 (RFC 1122 3.2.1.2), as libslirp drops such an unfragmented datagram.
@@ -32,7 +33,7 @@ ETH_HLEN = 14
 IP_MF, IP_OFFSET = 0x2000, 0x1FFF   # RFC 791: the flags/fragment offset field
 MAX_DATAGRAM = 65535                # RFC 791: total length is 16 bits
 MAX_DATAGRAMS = 64
-MAX_PARTS = 128
+MAX_PARTS = 256
 TIMEOUT_S = 30.0
 
 

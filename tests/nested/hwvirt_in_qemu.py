@@ -27,13 +27,14 @@ HEARTBEAT_LOST_S, L1 is taken to be stuck, QEMU is killed and the run starts aga
 Inside L1, pytest is bounded too (PYTEST_LIMIT_S) and stops at its first failure, so a hang of
 kvmpy or of a test ends as a failure with pytest's status, not as a lost L1.
 
-The whole step is bounded (STEP_LIMIT_S, a retry only with MIN_TRY_S left), so that `make
-test`, the suite included, stays under 20 minutes however L1 behaves.
+The whole step is bounded (STEP_LIMIT_S; a retry only with MIN_TRY_S left, pytest in L1 to
+each try's time), so that `make test`, the suite included, stays under 20 minutes however L1
+behaves.
 
-Exit status: pytest's inside L1; 3 if L1 never reported it (see the log); 4 if the tests could
-not run (L1 stuck on every try, or no /dev/kvm in L1: not a test result); 5 if pytest passed
-without passing a test. ``--if-needed`` (what `make test` runs) returns 0 instead of 4, saying
-loudly that the tests were NOT RUN.
+Exit status: pytest's inside L1 (0-5), or the runner's own: NOT_RUN (10: L1 stuck on every try
+in different tests, or no SVM in L1's CPU; ``--if-needed``, what `make test` runs, says so loudly
+and returns 0), NOTHING_PASSED (11), NO_KVM (12: SVM but no /dev/kvm in L1), STALLED (13: stuck
+on every try in the same test), OUT_OF_TIME (14: L1 alive, tests too slow or hung), NO_STATUS (15).
 """
 from __future__ import annotations
 
@@ -63,17 +64,24 @@ CACHE = os.path.join(os.environ.get("KVMPY_CACHE", os.path.expanduser("~/.cache/
 L1_MODULES = ["kvm_amd", "virtio_pci", "9pnet_virtio", "9p"]
 DEFAULT_TESTS = ["tests/test_linux_hwvirt.py", "tests/test_virtio_hwvirt.py"]
 STATUS_RE = re.compile(rb"L1: command exit status (\d+)")
-PASSED_RE = re.compile(rb"=+ .*?(\d+) passed")   # pytest's last line
-# Time: a normal run takes ~4-5 minutes on 2 cores (L1 boots in ~40 s, the six tests ~230 s).
+SUMMARY_RE = re.compile(rb"^=+ (.+) in [\d.]+s\b")   # pytest's last line
+# Time: a normal run takes ~5-6 minutes on 2 cores (L1 boots in ~40 s, the tests ~260 s).
 STEP_LIMIT_S = 900              # all tries together: with the suite, `make test` stays < 20 min
 LIMIT_S = 720                   # one try (QEMU under timeout(1), as a last bound)
-MIN_TRY_S = 360                 # a retry starts only with this much of STEP_LIMIT_S left
-PYTEST_LIMIT_S = 600            # pytest inside L1, which also stops at its first failure
+MIN_TRY_S = 420                 # a retry starts only with this much of STEP_LIMIT_S left
+PYTEST_MARGIN_S = 90            # pytest in L1 gets the try's time less this (boot, power off)
 HEARTBEAT_S = 20                # L1's init prints "L1: alive" this often ...
 HEARTBEAT_LOST_S = 240          # ... and L1 is stuck after this long without a sign of life
 FIRST_SIGN_S = 480              # QEMU's firmware and L1's kernel before the first "L1:" line
 DONE_GRACE_S = 60               # after L1 reported the tests' status, to power off
 TRIES = 2
+# The runner's own outcomes, above pytest's exit statuses (0-5):
+NOT_RUN = 10                    # the tests could not run here (0 under --if-needed)
+NOTHING_PASSED = 11             # pytest passed without passing a test
+NO_KVM = 12                     # L1's CPU has SVM but L1 has no /dev/kvm: L1's build is broken
+STALLED = 13                    # L1 stalled on every try, in the same test
+OUT_OF_TIME = 14                # L1 alive but the try's time ran out (tests too slow or hung)
+NO_STATUS = 15                  # QEMU ended without L1 reporting the tests' status
 L1_MEM = "6G"                   # L1's RAM: L2 guests of 512 MiB and the tests' files in tmpfs
 L1_MEM_NEEDED = 7 << 30         # what --if-needed wants available before it starts L1
 
@@ -86,7 +94,10 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 read -r cmdline < /proc/cmdline
 cmd=
-for w in $cmdline; do case "$w" in nested.cmd=*) cmd="${w#nested.cmd=}";; esac; done
+limit=600
+for w in $cmdline; do
+  case "$w" in nested.cmd=*) cmd="${w#nested.cmd=}";; nested.limit=*) limit="${w#nested.limit=}";; esac
+done
 # The heartbeat says what the Python processes (pytest, kvmpy) are doing: pid:state:wchan.
 beat() {
   s=""
@@ -99,7 +110,8 @@ beat() {
 }
 (while :; do sleep @HEARTBEAT@; beat; done) &
 for m in @MODULES@; do insmod /lib/modules/@VERSION@/$m || echo "L1: insmod $m failed"; done
-[ -c /dev/kvm ] && echo "L1: /dev/kvm ready" || echo "L1: no /dev/kvm (is SVM emulated?)"
+grep -qw svm /proc/cpuinfo && echo "L1: cpu has svm" || echo "L1: cpu has no svm"
+[ -c /dev/kvm ] && echo "L1: /dev/kvm ready" || echo "L1: no /dev/kvm"
 ifconfig lo 127.0.0.1 up
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose hostroot /host \
@@ -110,7 +122,7 @@ mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t tmpfs tmpfs /host/run
 echo "L1: running $cmd"
-chroot /host /usr/bin/env HOME=/root TERM=dumb \
+chroot /host /usr/bin/env HOME=/root TERM=dumb NESTED_LIMIT="$limit" \
   PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin /bin/sh "$cmd"
 echo "L1: command exit status $?"
 sync
@@ -132,7 +144,7 @@ def build_l1_initramfs() -> tuple[str, str]:
         a.add_dir(d)
     a.add_file("bin/busybox", source=busybox, mode=0o755)
     for applet in ("sh", "mount", "insmod", "ifconfig", "mkdir", "chroot", "echo", "sync",
-                   "poweroff", "cat", "sleep"):
+                   "poweroff", "cat", "sleep", "grep"):
         a.add_symlink(f"bin/{applet}", "busybox")
     for path, major, minor, mode in image.DEVICES:
         a.add_chardev(path, major, minor, mode)
@@ -147,6 +159,20 @@ def build_l1_initramfs() -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
+    # SIGTERM/SIGHUP (a cancelled CI job, a closed terminal) must run the finally clauses that
+    # kill QEMU: it runs in a session of its own, out of reach of signals to our group.
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        status = _main(argv)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return status
+
+
+def _main(argv: list[str]) -> int:
     if_needed = argv[:1] == ["--if-needed"]
     if if_needed:
         # `make test`: where this host's KVM boots Linux itself, the suite ran them.
@@ -184,10 +210,11 @@ def main(argv: list[str]) -> int:
     # line per test as it ends (progress in the log). timeout(1) --foreground and stdin from
     # /dev/null: without them pytest ran in a background process group of L1's console, and
     # kvmpy's first terminal access stopped it (SIGTTIN/SIGTTOU) with L1 idle and alive.
+    # NESTED_LIMIT: the try's time less PYTEST_MARGIN_S (L1's init passes nested.limit=).
     with tempfile.NamedTemporaryFile("w", dir=CACHE, suffix=".sh", delete=False) as f:
         f.write(f"mkdir -p /run/tmp && cd {shlex.quote(ROOT)} && PYTHONDONTWRITEBYTECODE=1 "
                 f"TMPDIR=/run/tmp KVMPY_TEST_TIME_SCALE={shlex.quote(scale)} "
-                f"timeout --foreground -k 10 {PYTEST_LIMIT_S} "
+                f'timeout --foreground -k 10 "${{NESTED_LIMIT:-600}}" '
                 f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider -v -rA "
                 f"{' '.join(shlex.quote(a) for a in pytest_args)} </dev/null\n")
         script = f.name
@@ -198,44 +225,69 @@ def main(argv: list[str]) -> int:
                 qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", L1_MEM,
                 "-M", "q35", "-nographic", "-no-reboot", "-nic", "none",
                 "-kernel", kernel, "-initrd", initrd,
-                "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 nested.cmd={script}",
+                "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 nested.cmd={script} "
+                           f"nested.limit={int(limit - PYTEST_MARGIN_S)}",
                 "-fsdev", "local,id=host,path=/,security_model=none,multidevs=remap",
                 "-device", "virtio-9p-pci,fsdev=host,mount_tag=hostroot"]
 
-    deadline = time.monotonic() + STEP_LIMIT_S
-    run = None
+    deadline = _clock() + STEP_LIMIT_S
+    runs: list[L1Run] = []
     try:
         for attempt in range(1, TRIES + 1):
-            left = deadline - time.monotonic()
-            if run is not None and left < MIN_TRY_S:
+            left = deadline - _clock()
+            if runs and left < MIN_TRY_S:
                 print(f"hwvirt_in_qemu: {left:.0f} s left of {STEP_LIMIT_S} s: no time for "
                       "another try", file=sys.stderr)
                 break
-            run = run_l1(command(min(LIMIT_S, left)))
+            limit = min(LIMIT_S, left)
+            runs.append(run_l1(command(limit), deadline=_clock() + limit - 10))
+            run = runs[-1]
             if not run.lost:
                 break
-            print(f"hwvirt_in_qemu: no sign of life from L1 for {HEARTBEAT_LOST_S} s, not even "
-                  f"its heartbeat: it is stuck (QEMU's emulation), killed (try {attempt} of "
-                  f"{TRIES}; last test: {run.last_test or '-'}; last heartbeat: "
+            print(f"hwvirt_in_qemu: {run.why}: L1 is stuck (QEMU's emulation), killed (try "
+                  f"{attempt} of {TRIES}; last test: {run.last_test or '-'}; last heartbeat: "
                   f"{run.last_beat or '-'})", file=sys.stderr, flush=True)
     finally:
         os.unlink(script)
-    not_run = None
+    status = _outcome(runs)
+    if status == NOT_RUN and if_needed:
+        return 0
+    return status
+
+
+def _outcome(runs: list["L1Run"]) -> int:
+    """The exit status for what the tries showed, with a line on stderr for the runner's own
+    outcomes (see the module docstring)."""
+    run = runs[-1]
+
+    def say(what: str) -> None:
+        print(f"hwvirt_in_qemu: {what}", file=sys.stderr)
     if run.lost:
-        not_run = (f"L1 got stuck (an emulation failure inside QEMU, not a kvmpy test result; "
-                   f"last test: {run.last_test or '-'})")
-    elif run.kvm is False:
-        not_run = "L1 has no /dev/kvm (does this QEMU emulate SVM?)"
-    if not_run:
-        print(f"hwvirt_in_qemu: the hwvirt tests were NOT RUN: {not_run}", file=sys.stderr)
-        return 0 if if_needed else 4
-    if run.status == 3:
-        print(f"hwvirt_in_qemu: L1 did not report the tests' status (its time ran out: see the "
-              "log above)", file=sys.stderr)
-    elif run.status == 0 and not run.passed:
-        print("hwvirt_in_qemu: pytest in L1 passed no test (all skipped or none collected?)",
-              file=sys.stderr)
-        return 5
+        tests = {r.last_test for r in runs}
+        if len(runs) > 1 and len(tests) == 1 and "" not in tests:
+            say(f"FAILED: L1 stalled on all {len(runs)} tries in the same test, {run.last_test}: "
+                "that looks like kvmpy's doing, not a chance stall of the emulation")
+            return STALLED
+        say(f"the hwvirt tests were NOT RUN: L1 got stuck ({len(runs)} "
+            f"{'try' if len(runs) == 1 else 'tries'}; an emulation failure inside QEMU, not a "
+            f"kvmpy test result; last test: {run.last_test or '-'})")
+        return NOT_RUN
+    if run.svm is False:
+        say("the hwvirt tests were NOT RUN: this QEMU does not emulate SVM for L1")
+        return NOT_RUN
+    if run.kvm is False:
+        say("FAILED: L1's CPU has SVM but L1 has no /dev/kvm (kvm_amd did not load: see above)")
+        return NO_KVM
+    if run.timed_out:
+        say(f"FAILED: the try's time ran out with L1 alive (tests too slow or hung; last test: "
+            f"{run.last_test or '-'}; last heartbeat: {run.last_beat or '-'})")
+        return OUT_OF_TIME
+    if run.status is None:
+        say("FAILED: QEMU ended without L1 reporting the tests' status (see the log above)")
+        return NO_STATUS
+    if run.status == 0 and not run.passed:
+        say("FAILED: pytest in L1 passed no test (all skipped or none collected?)")
+        return NOTHING_PASSED
     return run.status
 
 
@@ -252,23 +304,34 @@ def _mem_available() -> int:
 
 
 class L1Run(typing.NamedTuple):
-    status: int             # the status L1 reported for the tests, 3 if none
+    status: int | None      # the status L1 reported for the tests
     lost: bool              # killed: no sign of life for too long
+    timed_out: bool         # killed at the try's deadline with L1 still alive
+    why: str                # what the watchdog saw, when it killed
+    svm: bool | None        # L1's CPU has SVM (True) or not (False)
     kvm: bool | None        # L1 said "/dev/kvm ready" (True) or "no /dev/kvm" (False)
     passed: int             # "N passed" from pytest's summary line
     last_test: str          # the last test pytest named
     last_beat: str          # L1's last heartbeat
 
 
-def run_l1(cmd: list[str], lost_after: float = HEARTBEAT_LOST_S,
+def run_l1(cmd: list[str], deadline: float | None = None, lost_after: float = HEARTBEAT_LOST_S,
            first_after: float = FIRST_SIGN_S, done_grace: float = DONE_GRACE_S) -> L1Run:
-    """Run QEMU (L1), copying its console here, until it exits, or until it shows no sign of
-    life (a line from L1's init, its heartbeat or pytest; kernel messages do not count) for
-    ``lost_after`` seconds (``first_after`` before its first "L1:" line), or until
-    ``done_grace`` seconds after it reported the tests' status. QEMU runs in a session of its
-    own and its whole process group is killed on the way out, whatever the way."""
-    status, kvm, passed, last_test, last_beat = 3, None, 0, "", ""
-    seen_l1 = lost = False
+    """Run QEMU (L1), copying its console here, until it exits, or until
+
+    - it shows no sign of life (a line from L1's init, its heartbeat or pytest; kernel
+      messages do not count) for ``lost_after`` seconds (``first_after`` before its first
+      "L1:" line): lost;
+    - ``deadline`` (a _clock() time): timed out, or lost if even the heartbeat had stopped
+      for a minute;
+    - ``done_grace`` seconds after it reported the tests' status.
+
+    QEMU runs in a session of its own and its whole process group is killed on the way out,
+    whatever the way."""
+    status = svm = kvm = None
+    passed, last_test, last_beat = 0, "", ""
+    seen_l1 = lost = timed_out = False
+    why = ""
     done_at = None
     lines: queue.Queue = queue.Queue()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -281,39 +344,61 @@ def run_l1(cmd: list[str], lost_after: float = HEARTBEAT_LOST_S,
     pumper = threading.Thread(target=pump, daemon=True)
     pumper.start()
     try:
-        last_sign = time.monotonic()
+        last_sign = last_beat_at = _clock()
         while True:
-            now = time.monotonic()
-            wait = (done_at + done_grace - now if done_at is not None
-                    else last_sign + (lost_after if seen_l1 else first_after) - now)
-            try:
-                line = lines.get(timeout=max(0.0, wait))
-            except queue.Empty:
-                lost = done_at is None
+            now = _clock()
+            if done_at is not None:
+                wait = done_at + done_grace - now
+            else:
+                quiet = lost_after if seen_l1 else first_after
+                wait = last_sign + quiet - now
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+            if wait <= 0:        # decided before reading on: a flood of lines cannot hide it
+                if done_at is None:
+                    if deadline is not None and now >= deadline:
+                        lost = now - last_beat_at >= 60
+                        timed_out = not lost
+                        why = "the try's time ran out" + (", no heartbeat for a minute" if lost
+                                                          else "")
+                    else:
+                        lost = True
+                        why = (f"no sign of life for {lost_after:.0f} s" if seen_l1 else
+                               f"no line from L1's init within {first_after:.0f} s")
                 break
+            try:
+                line = lines.get(timeout=wait)
+            except queue.Empty:
+                continue
             if line is None:
                 break
             sys.stdout.buffer.write(line)
             sys.stdout.flush()
             text = line.strip()
             if not text.startswith(b"["):        # printk lines of a stuck kernel do not count
-                last_sign = time.monotonic()
+                last_sign = _clock()
+            beat = text.find(b"L1: alive")       # also after a pytest -v line left open
+            if beat >= 0:
+                last_beat, last_beat_at = text[beat:].decode(errors="replace"), _clock()
             if text.startswith(b"L1:"):
                 seen_l1 = True
-                if text.startswith(b"L1: alive"):
-                    last_beat = text.decode(errors="replace")
-                elif b"/dev/kvm ready" in text:
+                if text == b"L1: cpu has svm":
+                    svm = True
+                elif text == b"L1: cpu has no svm":
+                    svm = False
+                elif text == b"L1: /dev/kvm ready":
                     kvm = True
-                elif b"no /dev/kvm" in text:
+                elif text == b"L1: no /dev/kvm":
                     kvm = False
             if text.startswith(b"tests/"):
                 last_test = text.split()[0].decode(errors="replace")
             m = STATUS_RE.search(line)
             if m:
-                status, done_at = int(m.group(1)), time.monotonic()
-            m = PASSED_RE.search(line)
+                status, done_at = int(m.group(1)), _clock()
+            m = SUMMARY_RE.match(text)
             if m:
-                passed = int(m.group(1))
+                n = re.search(rb"(\d+) passed", m.group(1))
+                passed = int(n.group(1)) if n else 0
     finally:
         try:
             os.killpg(p.pid, signal.SIGKILL)     # timeout(1) and QEMU: its session's group
@@ -321,8 +406,13 @@ def run_l1(cmd: list[str], lost_after: float = HEARTBEAT_LOST_S,
             pass
         p.wait()
         pumper.join(10)
-        p.stdout.close()
-    return L1Run(status, lost, kvm, passed, last_test, last_beat)
+        if not pumper.is_alive():               # else something outside holds the pipe
+            p.stdout.close()
+    return L1Run(status, lost, timed_out, why, svm, kvm, passed, last_test, last_beat)
+
+
+def _clock() -> float:
+    return time.monotonic()
 
 
 if __name__ == "__main__":
