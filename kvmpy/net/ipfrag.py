@@ -43,8 +43,10 @@ def is_fragment(frame: bytes) -> bool:
             and bool(((frame[20] << 8) | frame[21]) & (IP_MF | IP_OFFSET)))
 
 
-def _csum(data: bytes | bytearray) -> int:
-    """RFC 1071 Internet checksum (of an IPv4 header: an even number of bytes)."""
+def internet_checksum(data: bytes | bytearray) -> int:
+    """The RFC 1071 Internet checksum of ``data`` (IPv4 headers, TCP with its pseudo-header)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
@@ -91,7 +93,7 @@ class Reassembler:
         ihl = (frame[ETH_HLEN] & 0x0F) * 4
         total = int.from_bytes(frame[16:18], "big")
         if (frame[ETH_HLEN] >> 4 != 4 or ihl < 20 or total < ihl
-                or len(frame) < ETH_HLEN + total or _csum(frame[ETH_HLEN:ETH_HLEN + ihl])):
+                or len(frame) < ETH_HLEN + total or internet_checksum(frame[ETH_HLEN:ETH_HLEN + ihl])):
             return self._reject()
         field = int.from_bytes(frame[20:22], "big")
         more = bool(field & IP_MF)
@@ -132,7 +134,7 @@ class Reassembler:
         head[16:18] = (ip_hlen + d.end).to_bytes(2, "big")   # total length
         head[20:22] = b"\0\0"                                # not a fragment any more
         head[24:26] = b"\0\0"
-        head[24:26] = _csum(head[ETH_HLEN:]).to_bytes(2, "big")
+        head[24:26] = internet_checksum(head[ETH_HLEN:]).to_bytes(2, "big")
         return bytes(head) + b"".join(p for _, _, p in sorted(d.parts, key=lambda t: t[0]))
 
     def _reject(self) -> None:

@@ -46,7 +46,7 @@ from cffi import FFI
 
 from kvmpy.errors import KvmpyError
 from kvmpy.net.base import RX_QUEUE_MAX, Backend, _drain
-from kvmpy.net.ipfrag import Reassembler, is_fragment
+from kvmpy.net.ipfrag import Reassembler, internet_checksum, is_fragment
 
 CDEF = r"""
 /* <netinet/in.h>, glibc x86-64/aarch64 layout */
@@ -595,16 +595,6 @@ def _new_flow(frame: bytes, local: tuple[bytes, bytes]) -> tuple | None:
     return None
 
 
-def _csum(data: bytes) -> int:
-    """RFC 1071 Internet checksum."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def _tcp_refusal(syn: bytes, mac: bytes) -> bytes:
     """The RST|ACK a closed port answers a SYN with (RFC 9293 3.10.7.1: SEQ 0, ACK the SYN's
     sequence number plus its length, SYN and FIN counting one each), from the address the SYN
@@ -620,10 +610,10 @@ def _tcp_refusal(syn: bytes, mac: bytes) -> bytes:
     tcp = struct.pack("!HHIIBBHHH", dport, sport, 0, (seq + seg_len) & 0xFFFFFFFF, 5 << 4,
                       TCP_RST | TCP_ACK, 0, 0, 0)
     pseudo = src + dst + struct.pack("!BBH", 0, IPPROTO_TCP, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    tcp = tcp[:16] + struct.pack("!H", internet_checksum(pseudo + tcp)) + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, IPPROTO_TCP, 0, src,
                      dst)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
     return syn[6:12] + mac + syn[12:14] + ip + tcp
 
 
