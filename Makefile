@@ -30,13 +30,14 @@ demo: build
 doctor: build
 	$(VENV)/bin/kvmpy doctor
 
-# The suite, then the hwvirt tests it skips on a software-KVM host, run for real inside a QEMU
-# TCG VM that emulates AMD SVM (tests/nested/hwvirt_in_qemu.py, ~5 minutes; it does nothing on
-# a VT-x/AMD-V host, where the suite ran them; a VM stuck twice is reported as NOT RUN).
 test: build
 	$(PY) -m pytest -q -ra tests
-	$(PY) tests/nested/hwvirt_in_qemu.py --if-needed
 
+# The hwvirt tests the suite skips on a software-KVM host, run for real inside a QEMU TCG VM
+# that emulates AMD SVM (tests/nested/hwvirt_in_qemu.py, ~6 minutes; nothing to do on a
+# VT-x/AMD-V host, where the suite runs them). Not in `make test`: the SMP boot test's L2
+# kernel hangs in about one run in eight there (see the script's docstring), which would make
+# CI fail for a reason not yet understood.
 test-nested: build
 	$(PY) tests/nested/hwvirt_in_qemu.py --if-needed
 

@@ -1,7 +1,7 @@
-"""tests/nested/hwvirt_in_qemu.py, the runner of the hwvirt tests under nested SVM (`make test`
-runs it after the suite): its --if-needed decision (only where this host's KVM cannot boot Linux
-itself), its watchdog for a stuck L1 and the retry, and what it reports when it cannot run.
-(The nested run itself is not started from here; `make test` does that.)"""
+"""tests/nested/hwvirt_in_qemu.py, the runner of the hwvirt tests under nested SVM (`make
+test-nested`): its --if-needed decision (only where this host's KVM cannot boot Linux itself),
+its watchdog for a stuck L1 and the retry, and what it reports when it cannot run. (The nested
+run itself is not started from here.)"""
 import os
 import sys
 import time
@@ -136,7 +136,7 @@ def test_stuck_twice_is_not_run_unless_in_the_same_test(monkeypatch, capsys):
     assert hwvirt_in_qemu.main([]) == hwvirt_in_qemu.NOT_RUN
     assert "NOT RUN" in capsys.readouterr().err
     _fake_run(monkeypatch, [(3, True), (3, True)])
-    assert hwvirt_in_qemu.main(["--if-needed"]) == 0          # make test: loud, not red
+    assert hwvirt_in_qemu.main(["--if-needed"]) == 0          # --if-needed: loud, not red
     assert "NOT RUN" in capsys.readouterr().err
     same = "tests/test_linux_hwvirt.py::test_poweroff_ends_the_vm"
     _fake_run(monkeypatch, [(3, True, same), (3, True, same)])
