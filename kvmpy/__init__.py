@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name in ("VM", "ExitResult", "ConsoleTimeout"):
+    if name in ("VM", "ExitResult", "ConsoleTimeout", "GuestEnded"):
         from kvmpy import api
 
         return getattr(api, name)

@@ -30,6 +30,15 @@ class ConsoleTimeout(KvmpyError):
     """expect() did not see its pattern in time."""
 
 
+class GuestEnded(ConsoleTimeout):
+    """expect() cannot see its pattern any more: the guest ended without writing it (a
+    ConsoleTimeout that does not wait out the timeout). ``outcome`` says how it ended."""
+
+    def __init__(self, message: str, outcome):
+        super().__init__(message)
+        self.outcome = outcome
+
+
 class Console:
     """The guest's COM1: everything it wrote (``output``), expect(), send()."""
 
@@ -40,6 +49,7 @@ class Console:
         self.uart = None
         self._pause_rx = None  # pause_on()'s pattern, until the output matches it
         self._pause_vm: Callable[[], None] | None = None   # set by VM: ask all vCPUs to hold
+        self._ended = None     # the VM's Outcome once the guest ended: no more output will come
 
     # sink for the UART (vCPU thread, inside the exit of the guest's write)
     def _write(self, data: bytes) -> None:
@@ -62,6 +72,11 @@ class Console:
         with self._cond:
             self._pause_rx = re.compile(pattern) if isinstance(pattern, bytes) else pattern
 
+    def _guest_ended(self, outcome) -> None:
+        with self._cond:
+            self._ended = outcome
+            self._cond.notify_all()
+
     @property
     def output(self) -> bytes:
         with self._cond:
@@ -72,7 +87,8 @@ class Console:
 
     def expect(self, pattern, timeout: float = 10.0) -> re.Match:
         """Wait until ``pattern`` (regex, str or bytes) matches output not yet consumed by an
-        earlier expect(); returns the match (against bytes). ConsoleTimeout after ``timeout``."""
+        earlier expect(); returns the match (against bytes). ConsoleTimeout after ``timeout``,
+        or at once GuestEnded (a ConsoleTimeout) if the guest ended without writing it."""
         if isinstance(pattern, str):
             pattern = pattern.encode()
         rx = re.compile(pattern) if isinstance(pattern, bytes) else pattern
@@ -83,9 +99,14 @@ class Console:
                 if m:
                     self._pos = m.end()
                     return m
+                tail = bytes(self._buf[-200:]).decode(errors="replace")
+                if self._ended is not None:
+                    o = self._ended
+                    raise GuestEnded(f"the guest ended ({o.reason.value}, status {int(o.status)}: "
+                                     f"{o.detail}) before the console showed {rx.pattern!r}; "
+                                     f"last output: {tail!r}", o)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    tail = bytes(self._buf[-200:]).decode(errors="replace")
                     raise ConsoleTimeout(f"console did not show {rx.pattern!r} within "
                                          f"{timeout:g} s; last output: {tail!r}")
                 self._cond.wait(left)
@@ -189,6 +210,7 @@ class VM:
         # where typed input goes: COM1, or the guest's hvc0 when there is a virtio console
         self.console.uart = self._machine.input_device or self._machine.console
         self.console._pause_vm = lambda: self._machine.pause(wait=False)
+        self._machine.on_finish.append(self.console._guest_ended)
         self._started = False
         self._result: ExitResult | None = None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable
 
@@ -69,6 +70,8 @@ class Machine:
         self._done = threading.Event()
         self._outcome: Outcome | None = None
         self._outcome_lock = threading.Lock()
+        # called once with the outcome when the guest ends (from the thread that ended it)
+        self.on_finish: list[Callable[[Outcome], None]] = []
         try:
             self.kvm = self._stack.enter_context(Kvm(kvm_path))
             self.vm = self._stack.enter_context(self.kvm.create_vm())
@@ -219,11 +222,19 @@ class Machine:
 
     def _finish(self, outcome: Outcome) -> None:
         with self._outcome_lock:
-            if self._outcome is None:
+            first = self._outcome is None
+            if first:
                 self._outcome = outcome
         self._done.set()
         for t in self._threads:
             t.stop()
+        if first:
+            for hook in self.on_finish:
+                try:
+                    hook(self._outcome)
+                except Exception as e:     # a hook's bug must not keep the VM from ending
+                    print(f"kvmpy: on_finish hook failed: {type(e).__name__}: {e}",
+                          file=sys.stderr)
 
     def wait(self, timeout: float | None = None) -> Outcome:
         """Wait until the guest ends (or ``timeout`` seconds, then stop it)."""

@@ -146,3 +146,17 @@ def test_pause_on_stops_the_guest_at_the_matching_output(build_guest):
         r = vm.stop()
     assert r.reason == "stopped"
     assert vm.console.text().count("tick") >= 20
+
+
+def test_expect_stops_waiting_when_the_guest_ends(build_guest):
+    # like pexpect's EOF: a guest that ended cannot write the pattern any more, so expect()
+    # says so at once, with how it ended, instead of waiting out its timeout
+    with kvmpy.VM(image=build_guest("uart_hello"), mode="real") as vm:
+        assert vm.console.expect(rb"hello from a real-mode guest", timeout=10)
+        t = time.monotonic()
+        with pytest.raises(kvmpy.GuestEnded) as e:
+            vm.console.expect(rb"never printed", timeout=60)
+        assert time.monotonic() - t < 10
+        assert e.value.outcome.status == 0x21 and "status 33" in str(e.value)
+        assert isinstance(e.value, kvmpy.ConsoleTimeout)        # old callers still catch it
+        assert vm.wait(5).status == 0x21
