@@ -35,9 +35,8 @@ test: build
 
 # The hwvirt tests the suite skips on a software-KVM host, run for real inside a QEMU TCG VM
 # that emulates AMD SVM (tests/nested/hwvirt_in_qemu.py, ~6 minutes; nothing to do on a
-# VT-x/AMD-V host, where the suite runs them). Not in `make test`: the SMP boot test's L2
-# kernel hangs in about one run in eight there (see the script's docstring), which would make
-# CI fail for a reason not yet understood.
+# VT-x/AMD-V host, where the suite runs them). Not in `make test`: the nested stack itself
+# fails in about one run in ten (an L1 kernel panic, an L2 stall; see the script's docstring).
 test-nested: build
 	$(PY) tests/nested/hwvirt_in_qemu.py --if-needed
 
