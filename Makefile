@@ -35,8 +35,8 @@ test: build
 
 # The hwvirt tests the suite skips on a software-KVM host, run for real inside a QEMU TCG VM
 # that emulates AMD SVM (tests/nested/hwvirt_in_qemu.py, ~6 minutes; nothing to do on a
-# VT-x/AMD-V host, where the suite runs them). Not in `make test`: the SMP boot test failed
-# there in 3 of ~15 runs (an L1 kernel panic, two L2 stops; see the script's docstring).
+# VT-x/AMD-V host, where the suite runs them). Not in `make test`: the nested stack fails too
+# often (L1 kernel panic, L2 triple faults and stalls; see the script's docstring).
 test-nested: build
 	$(PY) tests/nested/hwvirt_in_qemu.py --if-needed
 

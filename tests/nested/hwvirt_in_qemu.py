@@ -23,14 +23,17 @@ Needs qemu-system-x86_64 (`make deps` installs it when missing) and about 6 GiB 
 Not in `make test`: the nested stack itself fails now and then. Seen: a run silent during the
 fast-boot test (second session, no heartbeat yet); in the third session, 3 of about 15 runs
 of the SMP boot test: its L2 kernel stopping at ~17 s of its boot with one L1 CPU busy, the
-test failing after its 480 s timeout (a clean-clone CI run); the VM's vCPU threads gone with
-the L2 kernel's output cut mid-line at ~12 s (the VM had ended; how is not known: expect()
-did not say then, it raises GuestEnded now); and L1's own kernel dying: "BUG: TASK stack guard page was hit" at error_entry in the thread of kvmpy's vCPU
+test failing after its 480 s timeout (a clean-clone CI run); the L2 kernel's output cut
+mid-line at ~12 s and, in a later run, at ~18.5 s, the VM ended by a triple fault of L2
+(KVM_EXIT_SHUTDOWN, which expect() now reports as GuestEnded), in a test with no virtio
+device, so with nothing of kvmpy's writing guest memory after the kernel was loaded; L1
+going silent, heartbeat included (the watchdog killed it, the retry passed); and L1's own
+kernel dying: "BUG: TASK stack guard page was hit" at error_entry in the thread of kvmpy's vCPU
 1, then "Kernel panic - not syncing: corrupted stack end detected inside scheduler", while the
 heartbeat showed both vCPU threads running (state R, in KVM_RUN), none waiting in kvmpy. A
 kernel stack overflow on the exception path of L1's kvm_amd on QEMU's emulated SVM is not
-something kvmpy's user space can cause; it is the emulation's (or L1 KVM's) failure. The
-other two are not explained; all three are too many for a CI gate.
+something kvmpy's user space can cause; it is the emulation's (or L1 KVM's) failure, and the
+triple faults look the same way. Together too many for a CI gate.
 
 L1 itself has been seen to stop (one run in seven, in the second session: QEMU busy, no output
 for 17 minutes, not even pytest's own timeouts firing). So L1's init prints a heartbeat every
