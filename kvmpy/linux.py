@@ -283,8 +283,9 @@ def _load_fast_boot(m: Machine, cfg: LinuxConfig, bz, initrd: bytes, plan: BootP
     os.makedirs(cache, exist_ok=True)
     from kvmpy.loader.decompress import payload_format
 
-    fmt = payload_format(bz.payload[:8])
-    path, hit = cached_vmlinux(bz, cache)
+    path, hit = cached_vmlinux(bz, cache)    # refuses an image without payload_offset
+    # the format from the payload's first bytes; bz.payload would copy all of it again
+    fmt = payload_format(bz.kernel[bz.payload_offset:bz.payload_offset + 8])
     # The cached vmlinux is mapped, not read: its segments (tens of MiB) are copied once, from
     # the page cache straight into guest RAM (benchmarks/boot: --fast-boot's host-side time).
     with open(path, "rb") as f:

@@ -53,6 +53,19 @@ def test_send_cost_does_not_grow_with_open_sockets():
     # costs O(sockets), once per wakeup). A ratio within one run, not an absolute time: a frame
     # with 2000 flows open against one with a single flow. Work per open socket and frame (a
     # refill per send) would make it hundreds of times larger.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 16384           # 2000 sockets within the backend's cap, a quarter of the soft limit
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {want}: cannot hold 2000 slirp sockets")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    try:
+        _send_cost_with_open_sockets()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _send_cost_with_open_sockets():
     with SlirpBackend(max_sockets=4000) as b:
         Guest(b)
         (fd, serve), = b.fds()
