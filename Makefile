@@ -68,7 +68,7 @@ build: $(STAMP) kvmpy/_kvm.stamp kvmpy/guests/demo.bin
 	@$(PY) -m compileall -q kvmpy >/dev/null   # .pyc even where PYTHONDONTWRITEBYTECODE is set
 
 # the cffi extension, rebuilt in place whenever its definition changes
-kvmpy/_kvm.stamp: kvmpy/_kvm_build.py $(STAMP)
+kvmpy/_kvm.stamp: kvmpy/_kvm_build.py kvmpy/virtio/fastblk.c $(STAMP)
 	$(PY) kvmpy/_kvm_build.py
 	touch $@
 

@@ -5,11 +5,11 @@ partially here and its real layout (offsets, sizes) comes from the kernel header
 compiler sees, so kvmpy cannot drift from the ABI. Run as a script (``make build``) or through
 setuptools' ``cffi_modules``.
 
-The module also carries three small C helpers that Python cannot express cheaply:
+The module also carries small C helpers that Python cannot express cheaply:
 ``kvmpy_ioctl_*`` (non-variadic ioctl wrappers, so cffi can release the GIL around them),
 and ``kvmpy_install_kick_handler`` (a no-op signal handler that makes a blocked KVM_RUN
 return EINTR, installable from any thread; Python's ``signal`` module only works in the main
-thread).
+thread), and ``kvmpy_blk_run``, virtio-blk's data path, kept in kvmpy/virtio/fastblk.c.
 """
 from __future__ import annotations
 
@@ -209,6 +209,26 @@ int kvmpy_ioctl_ptr(int fd, unsigned long request, void *arg);
 int kvmpy_run(int fd);
 int kvmpy_install_kick_handler(int signo);
 int kvmpy_kick_signal(void);
+
+/* kvmpy/virtio/fastblk.c: virtio-blk's data path (see kvmpy/virtio/fastblk.py) */
+struct iovec { void *iov_base; size_t iov_len; };
+struct kvmpy_region { uint64_t gpa; uint64_t size; uint64_t hva; };
+struct kvmpy_vq {
+    uint64_t desc, avail, used; uint32_t size; uint8_t event_idx; uint8_t indirect;
+    uint16_t last_avail; uint16_t avail_seen; uint16_t used_idx; uint8_t *in_flight;
+};
+struct kvmpy_blk {
+    int fd; int ro; int sync_writes; int iov_max; uint64_t capacity;
+    uint64_t reads, writes, flushes, ioerr; uint32_t test_max_io; int test_errno;
+    uint32_t test_syncs; uint32_t test_used_at_sync;
+    struct iovec *rd, *wr;
+};
+#define KVMPY_RUN_EMPTY ...
+#define KVMPY_RUN_DEFER ...
+#define KVMPY_RUN_BUDGET ...
+int kvmpy_blk_run(struct kvmpy_vq *q, const struct kvmpy_region *regions, int nregions,
+                  struct kvmpy_blk *b, int budget, int *why);
+int kvmpy_vq_poll(const struct kvmpy_vq *q, uint32_t ns);
 """
 
 SOURCE = r"""
@@ -286,6 +306,10 @@ int kvmpy_kick_signal(void) { return kvmpy_kick_signo; }
 
 CDEF = CDEF.replace("@OVERLAYS@", OVERLAYS)
 SOURCE = SOURCE.replace("@OVERLAYS@", OVERLAYS)
+# virtio-blk's C data path lives in its own file, next to the Python device it serves
+FASTBLK_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "virtio", "fastblk.c")
+with open(FASTBLK_C) as f:
+    SOURCE += "\n" + f.read()
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

@@ -1,5 +1,9 @@
 """virtio-blk against a real temporary image file, driven through virtio-mmio registers by
 tests/virtio_driver.py (no /dev/kvm). Covers shared/hostile-inputs.md items 14, 16, 17, 27, 28.
+
+Every test runs twice, once per engine (``KVMPY_BLK_ENGINE``): "c" (IN/OUT/FLUSH in
+kvmpy/virtio/fastblk.c, the rest deferred to Python) and "python". Host I/O faults are injected
+with monkeypatch into the Python engine and with BlkFastPath.inject into the C one.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from kvmpy.errors import KvmpyError
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio import blk as blk_mod
 from kvmpy.virtio.blk import VirtioBlk
+from kvmpy.virtio.fastblk import BlkFastPath
 from kvmpy.virtio.mmio import VirtioMmio
 from kvmpy.vmexit.bus import MmioBus
 from virtio_driver import (F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, NEEDS_RESET, WRITE,
@@ -37,6 +42,13 @@ TESTS = Path(__file__).parent
 
 def pattern(n: int, seed: int = 0) -> bytes:
     return bytes((i * 7 + seed + i // 512) & 0xFF for i in range(n))
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def engine(request, monkeypatch) -> str:
+    """The engine of every VirtioBlk the test makes (also in child processes)."""
+    monkeypatch.setenv("KVMPY_BLK_ENGINE", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -92,12 +104,48 @@ def disk(mem, image):
 
 @pytest.fixture
 def no_io(monkeypatch):
-    """Fail the test if the device does any file I/O."""
+    """Fail the test if the device does any file I/O: in Python, no I/O call; in C, no request
+    completed (the C engine does I/O only for requests it completes)."""
     def forbidden(*a, **k):
         raise AssertionError("I/O was done")
     for name in ("preadv", "pwritev", "pwrite", "fdatasync"):
         monkeypatch.setattr(blk_mod.os, name, forbidden)
     monkeypatch.setattr(blk_mod, "fallocate", forbidden)
+    real_run = BlkFastPath.run
+
+    def run(self, *a, **k):
+        done, why = real_run(self, *a, **k)
+        assert done == 0, "the C engine completed a request"
+        return done, why
+    monkeypatch.setattr(BlkFastPath, "run", run)
+
+
+def fail_io(disk, monkeypatch, engine, err=errno.EIO, calls=("preadv",)):
+    """Make the device's host I/O fail with ``err``."""
+    if engine == "c":
+        disk.dev.fast.inject(errno_=err)
+        return
+
+    def fail(*a):
+        raise OSError(err, os.strerror(err))
+    for name in calls:
+        monkeypatch.setattr(blk_mod.os, name, fail)
+
+
+def sync_log(disk, monkeypatch, engine):
+    """A callable giving, for each fdatasync the device made so far, the used.idx the driver
+    could see at that moment (the C engine records the count and the last one in test fields)."""
+    if engine == "c":
+        b = disk.dev.fast._blk
+        return lambda: [b.test_used_at_sync] * b.test_syncs
+    seen = []
+    real = os.fdatasync
+
+    def spy(fd):
+        seen.append(disk.vq.used_idx())
+        real(fd)
+    monkeypatch.setattr(blk_mod.os, "fdatasync", spy)
+    return lambda: seen
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -176,7 +224,7 @@ def test_more_segments_than_iov_max(tmp_path):
         d.close()
 
 
-def test_short_transfers_are_resumed(disk, image, monkeypatch):
+def test_short_transfers_are_resumed(disk, image, monkeypatch, engine):
     real_preadv, real_pwritev = os.preadv, os.pwritev
 
     def short(real):
@@ -184,6 +232,8 @@ def test_short_transfers_are_resumed(disk, image, monkeypatch):
             first = bufs[0][:300]                  # at most 300 bytes per call
             return real(fd, [first], pos)
         return f
+    if engine == "c":
+        disk.dev.fast.inject(max_io=300)
     monkeypatch.setattr(blk_mod.os, "preadv", short(real_preadv))
     monkeypatch.setattr(blk_mod.os, "pwritev", short(real_pwritev))
     status, _, data = disk.request(T_IN, sector=1, in_len=2048)
@@ -193,42 +243,34 @@ def test_short_transfers_are_resumed(disk, image, monkeypatch):
     assert image.read_bytes()[4096:5120] == new
 
 
-def test_host_io_error_is_ioerr(disk, monkeypatch):
-    def eio(*a):
-        raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(blk_mod.os, "preadv", eio)
-    assert disk.request(T_IN, sector=0, in_len=512)[0] == S_IOERR
+def test_host_io_error_is_ioerr(disk, monkeypatch, engine):
+    fail_io(disk, monkeypatch, engine, calls=("preadv", "pwritev", "fdatasync"))
+    assert disk.request(T_IN, sector=0, in_len=512)[:2] == (S_IOERR, 1)
+    assert disk.request(T_OUT, sector=0, out=b"\0" * 512)[:2] == (S_IOERR, 1)
+    assert disk.request(T_FLUSH)[:2] == (S_IOERR, 1)
+    assert disk.dev.stats["ioerr"] == 3 and disk.dev.stats["reads"] == 0
     assert not disk.drv.status() & NEEDS_RESET        # a failed request, not a broken device
 
 
 # -- flush and durability (items 27, 28) --------------------------------------------------------
 
-def test_flush_syncs_before_the_used_entry(disk, monkeypatch):
-    seen = []
-    real = os.fdatasync
-
-    def spy(fd):
-        seen.append(disk.vq.used_idx())               # what the driver could see at that moment
-        real(fd)
-    monkeypatch.setattr(blk_mod.os, "fdatasync", spy)
+def test_flush_syncs_before_the_used_entry(disk, monkeypatch, engine):
+    synced = sync_log(disk, monkeypatch, engine)      # used.idx the driver saw at each sync
     before = disk.vq.used_idx()
     assert disk.request(T_OUT, sector=0, out=pattern(512))[0] == S_OK
-    assert seen == []                                 # FLUSH negotiated: writes are not synced
+    assert synced() == []                             # FLUSH negotiated: writes are not synced
     assert disk.request(T_FLUSH)[0] == S_OK
-    assert seen == [before + 1]                       # synced while the FLUSH was not yet used
+    assert synced() == [before + 1]                   # synced while the FLUSH was not yet used
     assert disk.vq.used_idx() == before + 2
 
 
-def test_without_negotiated_flush_every_write_is_stable(mem, image, monkeypatch):
+def test_without_negotiated_flush_every_write_is_stable(mem, image, monkeypatch, engine):
     # 5.2.6.2 case 1: FLUSH offered but not negotiated => writes are stable when completed
     d = Disk(mem, image, want=F_VERSION_1)
-    synced = []
-    real = os.fdatasync
-    monkeypatch.setattr(blk_mod.os, "fdatasync", lambda fd: (synced.append(d.vq.used_idx()),
-                                                             real(fd)))
+    synced = sync_log(d, monkeypatch, engine)
     before = d.vq.used_idx()
     assert d.request(T_OUT, sector=0, out=pattern(512))[0] == S_OK
-    assert synced == [before]
+    assert synced() == [before]
     d.close()
 
 

@@ -586,7 +586,7 @@ def test_ioeventfd_mode_without_kvm_runs_in_the_iothread(mem):
     vm = FakeVm()
     threads = []
     real = rig.dev.notify
-    rig.dev.notify = lambda i: (threads.append(threading.current_thread().name), real(i))[1]
+    rig.dev.notify = lambda i, **k: (threads.append(threading.current_thread().name), real(i, **k))[1]
     with IoThread(name="virtio-io") as io:
         rig.transport.attach_ioeventfds(vm, BASE, io)
         assert vm.calls == [(BASE + 0x50, 4, 0, False)]

@@ -918,7 +918,8 @@ def test_ioeventfd_mode_runs_queues_in_the_iothread(mem, image):
     with IoThread(name="virtio-io") as io:
         r = Rig(mem, VirtioBlk(mem, str(image)), vm=vm, iothread=io)
         real = r.dev.notify
-        r.dev.notify = lambda i: (threads.append(threading.current_thread().name), real(i))[1]
+        r.dev.notify = lambda i, **k: (threads.append(threading.current_thread().name),
+                                       real(i, **k))[1]
         r.drv.init()
         vq = r.drv.queues[0]
         req = vq.submit(out=[HDR.pack(BLK_IN, 0, 0)], in_=[512, 1])
@@ -1015,7 +1016,7 @@ def test_guest_notify_and_msix_through_kvm(image):
         # DRIVER_OK kicks the queue through the I/O thread; let that finish before posting,
         # or it could complete the request (and send the MSI) before the guest can take it.
         kicked, notify = threading.Event(), dev.notify
-        dev.notify = lambda i: (notify(i), kicked.set())[0]
+        dev.notify = lambda i, **k: (notify(i, **k), kicked.set())[0]
         drv.init()
         assert kicked.wait(10)
         router = MsiRouter.of(m.vm)

@@ -36,6 +36,7 @@ def test_a_disk_stuck_in_fdatasync_does_not_hold_up_another_device(tmp_path, mon
     image.write_bytes(bytes(1 << 20))
     gate = threading.Event()
     monkeypatch.setattr(blk_mod.os, "fdatasync", lambda fd: gate.wait(20))   # a slow disk
+    monkeypatch.setenv("KVMPY_BLK_ENGINE", "python")    # whose fdatasync is the patched one
     with Machine(16 << 20) as m:
         add_virtio_devices(m, [("disk", str(image)), ("rng", None)], "mmio")
         names = {t.name for t in threading.enumerate()}

@@ -45,7 +45,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))   # the tests' guest
 sys.path.insert(0, os.path.join(HERE, ".."))                  # virtio_rig
 
 from kvmpy.virtio.blk import VirtioBlk                         # noqa: E402
-from virtio_driver import NEXT, WRITE                          # noqa: E402
+from kvmpy.virtio.queue import full_barrier, vring_need_event   # noqa: E402
+from virtio_driver import F_EVENT_IDX, F_VERSION_1, NEXT, WRITE  # noqa: E402
 from virtio_rig import VirtioRig                                 # noqa: E402
 
 BLOCK = 4096
@@ -154,12 +155,17 @@ def run_inline(path: str, offs: list[int], depth: int = 32) -> float:
 # -- kvmpy ------------------------------------------------------------------------------------
 class Rig(VirtioRig):
     def __init__(self, path: str, depth: int, poll: bool, direct: bool = False,
-                 process: bool = False):
+                 process: bool = False, engine: str = "c", keep: bool = False):
         # --direct: no ioeventfd, the notify runs the queue in this thread
         # --driver-process: the driver runs in a forked process (RAM shared), as a guest runs
         # on its own vCPU: it does not hold the VMM's GIL
-        super().__init__(lambda mem: VirtioBlk(mem, path, ro=True), MEM, ioeventfds=not direct,
-                         shared=process)
+        # engine: "c" (kvmpy/virtio/fastblk.c takes the reads) or "python" (the Python device)
+        # keep: `depth` requests kept in flight (fio's iodepth), with EVENT_IDX as Linux's
+        # virtio_blk negotiates it; otherwise batches of `depth`, each waited for whole
+        super().__init__(lambda mem: VirtioBlk(mem, path, ro=True, engine=engine), MEM,
+                         ioeventfds=not direct, shared=process,
+                         want=F_VERSION_1 | (F_EVENT_IDX if keep else 0))
+        self.keep = keep
         self.process = process
         self.vq = self.drv.queues[0]
         self.depth, self.poll = depth, poll
@@ -173,12 +179,15 @@ class Rig(VirtioRig):
             self.vq.write_desc(d1, data, BLOCK, WRITE | NEXT, d2)
             self.vq.write_desc(d2, st, 1, WRITE, 0)
             self.slots.append((d0, hdr, data, st))
+        self.slot_of = {s[0]: i for i, s in enumerate(self.slots)}   # head -> slot
+        self.last_off = [None] * depth        # the offset each slot read last (for check())
         self.avail_idx = 0
         self.used_seen = 0
 
     def run(self, offs: list[int]) -> float:
+        run = self._run_keep if self.keep else self._run
         if not self.process:
-            return self._run(offs, self.drv.notify)
+            return run(offs, self.drv.notify)
         # The guest side in another process: it notifies through the queue's ioeventfd (what
         # KVM signals on the guest's QueueNotify store) and waits on the interrupt eventfd.
         efd = self.transport._eventfds[0]
@@ -188,7 +197,7 @@ class Rig(VirtioRig):
             code = 1
             try:
                 os.close(r)
-                t = self._run(offs, lambda q: os.eventfd_write(efd, 1))
+                t = run(offs, lambda q: os.eventfd_write(efd, 1))
                 os.write(w, f"{t} {self.avail_idx} {self.used_seen}".encode())
                 code = 0
             except BaseException as e:     # SystemExit from a failed request included
@@ -237,15 +246,84 @@ class Rig(VirtioRig):
                 if ram[base + st] != 0:
                     raise SystemExit(f"request failed: status {ram[base + st]}")
         elapsed = time.perf_counter() - t0
+        last = len(offs) % depth or depth             # the last batch may be short
+        self.last_off[:last] = offs[-last:]
+        self.avail_idx, self.used_seen = idx, used
+        vq.avail_idx = vq.last_used = idx
+        return elapsed
+
+    def _run_keep(self, offs: list[int], notify) -> float:
+        """fio-style: ``depth`` requests in flight at all times; each completion is answered by
+        the next request at once. EVENT_IDX on both sides (2.7.7.2, 2.7.10), as Linux's
+        virtio_ring does: the driver notifies only when the device asked (avail_event) and
+        sets used_event before it sleeps on the interrupt."""
+        region, base = self.mem.check(0, MEM)
+        ram = region.mapping
+        vq, slots, slot_of, last_off = self.vq, self.slots, self.slot_of, self.last_off
+        size = vq.size
+        avail_ring, avail_idx_at = base + vq.avail + 4, base + vq.avail + 2
+        used_event_at = base + vq.avail + 4 + 2 * size
+        used_ring, used_idx_at = base + vq.used + 4, base + vq.used + 2
+        avail_event_at = base + vq.used + 4 + 8 * size
+        pack_hdr, pack_u16, unpack_u16 = HDR.pack_into, U16.pack_into, U16.unpack_from
+        unpack_u32 = struct.Struct("<I").unpack_from
+        irqfd, poll = self.irq.fd, self.poll
+        idx, used = self.avail_idx, self.used_seen
+        n, posted, completed = len(offs), 0, 0
+        t0 = time.perf_counter()
+        for i, (head, hdr, _data, st) in enumerate(slots[:min(self.depth, n)]):
+            off = offs[posted]
+            pack_hdr(ram, base + hdr, 0, 0, off >> 9)           # VIRTIO_BLK_T_IN
+            ram[base + st] = 0xFF
+            last_off[i] = off
+            pack_u16(ram, avail_ring + 2 * (idx % size), head)
+            idx = (idx + 1) & 0xFFFF
+            posted += 1
+        pack_u16(ram, avail_idx_at, idx)
+        notify(0)
+        while completed < n:
+            u = unpack_u16(ram, used_idx_at)[0]
+            if u == used:
+                if poll:
+                    continue
+                pack_u16(ram, used_event_at, used)   # interrupt me at the next used entry
+                full_barrier()
+                if unpack_u16(ram, used_idx_at)[0] == used:
+                    os.eventfd_read(irqfd)
+                continue
+            old = idx
+            while used != u:
+                head = unpack_u32(ram, used_ring + 8 * (used % size))[0]
+                i = slot_of[head]
+                _, hdr, _data, st = slots[i]
+                if ram[base + st] != 0:
+                    raise SystemExit(f"request failed: status {ram[base + st]}")
+                completed += 1
+                if posted < n:
+                    off = offs[posted]
+                    pack_hdr(ram, base + hdr, 0, 0, off >> 9)
+                    ram[base + st] = 0xFF
+                    last_off[i] = off
+                    pack_u16(ram, avail_ring + 2 * (idx % size), head)
+                    idx = (idx + 1) & 0xFFFF
+                    posted += 1
+                used = (used + 1) & 0xFFFF
+            if idx != old:
+                pack_u16(ram, avail_idx_at, idx)
+                full_barrier()
+                if vring_need_event(unpack_u16(ram, avail_event_at)[0], idx, old):
+                    notify(0)
+        elapsed = time.perf_counter() - t0
         self.avail_idx, self.used_seen = idx, used
         vq.avail_idx = vq.last_used = idx
         return elapsed
 
     def check(self, path: str, offs: list[int]) -> None:
-        """The data is right: re-read the last batch's offsets and compare."""
-        last = len(offs) % self.depth or self.depth     # the last batch may be short
+        """The data is right: each slot holds what the file has at the offset it read last."""
         with open(path, "rb") as f:
-            for (head, hdr, data, st), off in zip(self.slots[:last], offs[-last:]):
+            for (head, hdr, data, st), off in zip(self.slots, self.last_off):
+                if off is None:
+                    continue
                 f.seek(off)
                 if self.mem.read(data, BLOCK) != f.read(BLOCK):
                     raise SystemExit("data mismatch")
@@ -270,7 +348,8 @@ def profile_iothread(rig: Rig, offs: list[int], driver: bool) -> None:
     if dprof:
         dprof.disable()
     rig.io._callbacks[fd] = orig
-    print(f"\n-- cProfile of the I/O thread, QD {rig.depth}, {len(offs)} requests "
+    print(f"\n-- cProfile of the I/O thread, {rig.dev.engine} engine, QD {rig.depth}, "
+          f"{len(offs)} requests "
           f"({len(offs) / t:,.0f} req/s under the profiler) --")
     for p, title in ((prof, "I/O thread"), (dprof, "driver (main thread)")):
         if p is None:
@@ -294,6 +373,11 @@ def main() -> int:
     ap.add_argument("--driver-process", action="store_true",
                     help="run the driver in a forked process (guest RAM shared): the guest side "
                          "runs beside the device, as a guest's vCPU does, not under its GIL")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep QD requests in flight (fio iodepth) with EVENT_IDX, instead of "
+                         "batches of QD each waited for whole")
+    ap.add_argument("--engines", default="c,python",
+                    help="virtio-blk engines to measure (VirtioBlk engine=): c, python or both")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-driver", action="store_true")
     ap.add_argument("--disk", default=os.path.join(HERE, "..", "out", "virtio_blk", "disk.img"))
@@ -302,20 +386,25 @@ def main() -> int:
         ap.error("--direct runs the device in the driver's thread; --driver-process needs the "
                  "I/O thread (leave out one of them)")
     depths = [int(d) for d in args.depths.split(",")]
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines or set(engines) - {"c", "python"}:
+        ap.error("--engines takes c, python or c,python")
     path = os.path.abspath(args.disk)
     make_disk(path)
     warm(path)
     n = args.requests
-    rigs = {d: Rig(path, d, args.poll, args.direct, args.driver_process) for d in depths}
-    res: dict[str, list[float]] = {"preadv": [], "inline": [],
-                                   **{f"qd{d}": [] for d in depths}}
+    # one rig per engine and depth, named like the rows: "c qd32", "python qd1"
+    rigs = {f"{e} qd{d}": Rig(path, d, args.poll, args.direct, args.driver_process, e,
+                              args.keep)
+            for e in engines for d in depths}
+    res: dict[str, list[float]] = {"preadv": [], "inline": [], **{k: [] for k in rigs}}
     try:
-        for d in depths:   # warm-up pass (page cache, code paths)
-            rigs[d].run(offsets(min(n, 5000), 99))
+        for rig in rigs.values():   # warm-up pass (page cache, code paths)
+            rig.run(offsets(min(n, 5000), 99))
         run_preadv(path, offsets(min(n, 5000), 99))
         for rep in range(args.reps):
             offs = offsets(n, rep)
-            order = ["preadv", "inline"] + [f"qd{d}" for d in depths]
+            order = ["preadv", "inline"] + list(rigs)
             if rep % 2:
                 order.reverse()
             for name in order:
@@ -324,7 +413,7 @@ def main() -> int:
                 elif name == "inline":
                     t = run_inline(path, offs)
                 else:
-                    rig = rigs[int(name[2:])]
+                    rig = rigs[name]
                     t = rig.run(offs)
                     rig.check(path, offs)
                 res[name].append(n / t)
@@ -332,23 +421,24 @@ def main() -> int:
               f"(page cache), completion: {'polling used.idx' if args.poll else 'interrupt eventfd'}"
               f"{', DIRECT (no I/O thread)' if args.direct else ''}"
               f"{', driver in a forked process' if args.driver_process else ''}")
-        print(f"{'':10} {'median req/s':>13} {'min':>10} {'max':>10} {'µs/req':>8} {'vs preadv':>9}")
+        print(f"{'':17} {'median req/s':>13} {'min':>10} {'max':>10} {'µs/req':>8} "
+              f"{'vs preadv':>9}")
         base = statistics.median(res["preadv"])
         for name, vals in res.items():
             med = statistics.median(vals)
-            label = name if name in ("preadv", "inline") else f"kvmpy {name.upper()}"
-            print(f"{label:10} {med:13,.0f} {min(vals):10,.0f} {max(vals):10,.0f} "
+            label = name if name in ("preadv", "inline") else f"kvmpy {name.replace('qd', 'QD ')}"
+            print(f"{label:17} {med:13,.0f} {min(vals):10,.0f} {max(vals):10,.0f} "
                   f"{1e6 / med:8.2f} {med / base:9.3f}")
-        for d in depths:
-            r = statistics.median(res[f"qd{d}"]) / base
-            print(f"QD {d}: kvmpy / preadv = {r:.3f}; goal >= {GOAL} "
+        for name in rigs:
+            r = statistics.median(res[name]) / base
+            print(f"{name.replace('qd', 'QD ')}: kvmpy / preadv = {r:.3f}; goal >= {GOAL} "
                   f"{'met' if r >= GOAL else 'NOT met'}")
-        st = rigs[depths[0]].dev.stats
-        print(f"device stats (QD {depths[0]} rig): {st}; I/O thread errors: "
-              f"{sum(r.io.errors for r in rigs.values())}")
+        for name, rig in rigs.items():
+            print(f"device stats ({name}): {rig.dev.stats}")
+        print(f"I/O thread errors: {sum(r.io.errors for r in rigs.values())}")
         if (args.profile or args.profile_driver) and not args.direct:
-            for d in depths:
-                profile_iothread(rigs[d], offsets(min(n, 50_000), 1234), args.profile_driver)
+            for rig in rigs.values():
+                profile_iothread(rig, offsets(min(n, 50_000), 1234), args.profile_driver)
     finally:
         for r in rigs.values():
             r.close()

@@ -226,9 +226,10 @@ class VirtioDevice:
             self._signal(Interrupt.CONFIG_CHANGE)
 
     # -- queues --------------------------------------------------------------------------------
-    def notify(self, index: int) -> bool:
+    def notify(self, index: int, poll: bool = False) -> bool:
         """The driver notified queue ``index``. Processes a bounded batch of its requests and
-        returns True if more may be waiting (the caller should call again later)."""
+        returns True if more may be waiting (the caller should call again later). ``poll``:
+        the caller is an I/O thread that may be kept a little longer (:meth:`poll_queue`)."""
         with self.lock:
             if not self.live or not 0 <= index < len(self.queues):
                 return False
@@ -247,7 +248,18 @@ class VirtioDevice:
                     self._signal(Interrupt.USED_BUFFER)
             except Exception as e:   # e.g. an interrupt callable that failed
                 self.needs_reset(f"queue {index}: interrupt: {type(e).__name__}: {e}", "handler")
+            if poll and not more and self.live:
+                try:
+                    more = self.poll_queue(q)
+                except Exception as e:
+                    self.needs_reset(f"queue {index}: poll: {type(e).__name__}: {e}", "handler")
             return more and self.live
+
+    def poll_queue(self, queue: Queue) -> bool:
+        """Called when ``queue`` ran empty and its completions were signalled: a device may
+        watch the ring a little longer and return True if the driver made more available (the
+        I/O thread then calls notify again at once). Default: no polling."""
+        return False
 
     @contextlib.contextmanager
     def boundary(self, index: int):

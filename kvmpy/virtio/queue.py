@@ -280,9 +280,10 @@ class Queue:
                 region, offset = self.memory.check(addr, length)
             except GuestMemoryError:
                 raise QueueError(f"{what} at {addr:#x}+{length:#x} is not in guest RAM") from None
-            located.append((region.mapping, offset))
-        (self._desc_map, self._desc_off), (self._avail_map, self._avail_off), \
-            (self._used_map, self._used_off) = located
+            located.append((region.mapping, offset, region.host_address + offset))
+        (self._desc_map, self._desc_off, self.desc_hva), \
+            (self._avail_map, self._avail_off, self.avail_hva), \
+            (self._used_map, self._used_off, self.used_hva) = located
         self.event_idx = bool(event_idx)
         self.indirect = bool(indirect)
         self._clear_ring_state()
@@ -408,6 +409,24 @@ class Queue:
         if read_len + write_len >= CHAIN_LENGTH_LIMIT:
             raise QueueError(f"descriptor chain from head {head} holds 2^32 bytes or more")
         return DescriptorChain(head, readable, writable, read_len, write_len)
+
+    # -- the C data path (kvmpy/virtio/fastblk.py) ----------------------------------------------
+    def export_state(self, vq) -> None:
+        """Copy the ring's location and indices into ``vq`` (a ``struct kvmpy_vq *``) for a C
+        data path, which runs requests with this class's rules and defers to :meth:`pop` for
+        any chain it does not take. ``vq.in_flight`` is set by the caller (it pins the
+        buffer). Call only while ready."""
+        vq.desc, vq.avail, vq.used = self.desc_hva, self.avail_hva, self.used_hva
+        vq.size = self.size
+        vq.event_idx, vq.indirect = self.event_idx, self.indirect
+        vq.last_avail, vq.avail_seen, vq.used_idx = self.last_avail, self._avail_seen, self.used_idx
+
+    def import_state(self, vq, completed: int) -> None:
+        """Take back the indices after the C data path completed ``completed`` requests (their
+        used elements are written and published)."""
+        self.last_avail, self._avail_seen, self.used_idx = vq.last_avail, vq.avail_seen, vq.used_idx
+        if completed:
+            self._added = True
 
     # -- used ring -----------------------------------------------------------------------------
     def add_used(self, head: int, written: int, publish: bool = True) -> None:

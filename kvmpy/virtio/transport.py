@@ -51,4 +51,4 @@ class QueueKicker:
             os.eventfd_read(fd)
         except BlockingIOError:   # called again for leftover work: nothing new to consume
             pass
-        return self.device.notify(index)
+        return self.device.notify(index, poll=True)   # the I/O thread may poll a while
