@@ -220,7 +220,7 @@ struct kvmpy_vq {
 struct kvmpy_blk {
     int fd; int ro; int sync_writes; int iov_max; uint64_t capacity;
     uint64_t reads, writes, flushes, ioerr; uint32_t test_max_io; int test_errno;
-    uint32_t test_syncs; uint32_t test_used_at_sync;
+    uint32_t test_syncs; uint16_t test_used_at_sync[16];
     struct iovec *rd, *wr;
 };
 #define KVMPY_RUN_EMPTY ...

@@ -25,12 +25,19 @@ _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 class MemoryRegion:
-    """``size`` bytes of RAM at guest-physical ``gpa``, backed by ``mapping``."""
+    """``size`` bytes of RAM at guest-physical ``gpa``, backed by ``mapping``.
 
-    __slots__ = ("gpa", "size", "mapping", "host_address")
+    ``u16`` views the region as native (x86: little-endian, as virtio 1.x rings are) 16-bit
+    words: ``u16[off // 2] = v`` is one 16-bit store and ``u16[off // 2]`` one 16-bit load, for
+    fields another CPU reads or writes at the same time (ring indices). struct's ``pack_into``
+    is not: it zeroes the bytes first and stores them one at a time, so a concurrent reader
+    can see 0 or a torn value. Released by GuestMemory.close(); used afterwards, it raises."""
+
+    __slots__ = ("gpa", "size", "mapping", "host_address", "u16")
 
     def __init__(self, gpa: int, size: int, mapping: mmap.mmap, host_address: int):
         self.gpa, self.size, self.mapping, self.host_address = gpa, size, mapping, host_address
+        self.u16 = memoryview(mapping).cast("H")
 
     def __repr__(self) -> str:
         return f"<MemoryRegion {self.gpa:#x}+{self.size:#x}>"
@@ -69,6 +76,7 @@ class GuestMemory:
 
     def close(self) -> None:
         for r in self.regions:
+            r.u16.release()       # else the mapping refuses to close (an exported buffer)
             r.mapping.close()
         self.regions = []
         self._starts = []
@@ -135,6 +143,8 @@ class GuestMemory:
 
     def read_u16(self, gpa: int) -> int:
         r, off = self.check(gpa, 2)
+        if not off & 1:          # aligned: one 16-bit load (see MemoryRegion.u16)
+            return r.u16[off >> 1]
         return _U16.unpack_from(r.mapping, off)[0]
 
     def read_u32(self, gpa: int) -> int:
@@ -151,7 +161,10 @@ class GuestMemory:
 
     def write_u16(self, gpa: int, value: int) -> None:
         r, off = self.check(gpa, 2)
-        _U16.pack_into(r.mapping, off, value & 0xFFFF)
+        if not off & 1:          # aligned: one 16-bit store (see MemoryRegion.u16)
+            r.u16[off >> 1] = value & 0xFFFF
+        else:
+            _U16.pack_into(r.mapping, off, value & 0xFFFF)
 
     def write_u32(self, gpa: int, value: int) -> None:
         r, off = self.check(gpa, 4)

@@ -139,6 +139,108 @@ def test_a_bad_chain_after_good_ones(image):
         r.close()
 
 
+# Chains the C engine must leave to Python (which refuses them), each with a FLUSH header that the
+# C engine would otherwise take whatever the buffers: (what, features, write(vq, mem), words of
+# the error). Buffers at 0x40000.. in RAM; 0x150000 is in the hole between regions.
+def _nested_indirect(vq, mem):
+    inner, outer = 0x43000, 0x44000
+    vq.write_desc(0, 0x40000, 16, NEXT, 1, table=inner)
+    vq.write_desc(1, 0x41000, 512, WRITE | NEXT, 2, table=inner)
+    vq.write_desc(2, 0x42000, 1, WRITE, 0, table=inner)
+    vq.write_desc(0, inner, 48, INDIRECT, 0, table=outer)
+    vq.write_desc(0, outer, 16, INDIRECT)
+    return 0
+
+
+def _readable_after_writable(vq, mem):
+    vq.write_desc(0, 0x40000, 16, NEXT, 1)
+    vq.write_desc(1, 0x42000, 1, WRITE | NEXT, 2)
+    vq.write_desc(2, 0x41000, 512, NEXT, 3)
+    vq.write_desc(3, 0x43000, 1, WRITE, 0)
+    return 0
+
+
+def _empty_loop_in_indirect(vq, mem):
+    vq.write_desc(0, 0x40000, 16, NEXT, 1, table=0x43000)
+    vq.write_desc(1, 0x41000, 0, WRITE | NEXT, 1, table=0x43000)    # 1 -> 1 -> ...
+    vq.write_desc(0, 0x43000, 32, INDIRECT)
+    return 0
+
+
+def _empty_loop(vq, mem):
+    vq.write_desc(0, 0x40000, 16, NEXT, 1)
+    vq.write_desc(1, 0x41000, 0, WRITE | NEXT, 1)
+    return 0
+
+
+def _plain(*descs):
+    def write(vq, mem):
+        for i, d in enumerate(descs):
+            vq.write_desc(i, *d)
+        return 0
+    return write
+
+
+def _head_out_of_range(vq, mem):
+    _plain((0x40000, 16, NEXT, 1), (0x42000, 1, WRITE))(vq, mem)
+    return vq.size
+
+
+HOSTILE = [
+    ("nested indirect", F_INDIRECT_DESC, _nested_indirect, "inside an indirect table"),
+    ("readable after writable", 0, _readable_after_writable, "after a device-writable"),
+    ("empty loop in an indirect table", F_INDIRECT_DESC, _empty_loop_in_indirect, "a loop"),
+    ("empty loop", 0, _empty_loop, "a loop"),
+    ("next out of range", 0, _plain((0x40000, 16, NEXT, 300)), "outside the descriptor table"),
+    ("head out of range", 0, _head_out_of_range, "not below the queue size"),
+    ("buffer in the hole", 0, _plain((0x40000, 16, NEXT, 1), (0x150000, 512, WRITE | NEXT, 2),
+                                     (0x42000, 1, WRITE)), "not in guest RAM"),
+    ("buffer past the end", 0, _plain((0x40000, 16, NEXT, 1), (HIGH + 0x100000 - 8, 16, WRITE)),
+     "not in guest RAM"),
+    ("indirect not negotiated", 0, _plain((0x43000, 48, INDIRECT)), "not negotiated"),
+    ("indirect with next", F_INDIRECT_DESC, _plain((0x43000, 48, INDIRECT | NEXT, 1)),
+     "both INDIRECT and NEXT"),
+    ("indirect length", F_INDIRECT_DESC, _plain((0x43000, 40, INDIRECT)), "multiple of 16"),
+]
+
+
+@pytest.mark.parametrize("what, features, write, words", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_chains_are_left_to_python(image, monkeypatch, what, features, write, words):
+    c_done = count_c_requests(monkeypatch)
+    errors = {}
+    for engine in ("c", "python"):
+        with GuestMemory(LAYOUT) as mem:
+            r = Rig(mem, image, engine, want=F_VERSION_1 | features)
+            r.vq.free = list(range(100, 110))       # the hostile chain writes descriptors 0..3
+            good = r.vq.submit(out=[HDR.pack(T_IN, 0, 0)], in_=[512, 1])
+            # a FLUSH, which the C engine would take with any buffers: it must refuse the chain
+            mem.write(0x40000, HDR.pack(T_FLUSH, 0, 0))
+            r.vq.publish_raw(write(r.vq, mem))
+            r.drv.notify()
+            assert good.written()[-1] == S_OK and r.vq.used_idx() == 1
+            assert r.drv.status() & NEEDS_RESET
+            errors[engine] = r.dev.last_error
+            r.close()
+    assert c_done[0] == 1                           # the good request only
+    assert errors["c"] == errors["python"] and words in errors["c"]
+
+
+def test_a_chain_of_2_to_the_32_bytes_is_left_to_python(image):
+    """Two 4 GiB - 1 buffers (RAM reserved, never touched): Python refuses the total."""
+    with GuestMemory([(0, 5 << 30)]) as mem:
+        r = Rig(mem, image, "c")
+        vq = r.vq
+        mem.write(0x40000, HDR.pack(T_FLUSH, 0, 0))
+        vq.write_desc(0, 0x40000, 16, NEXT, 1)
+        vq.write_desc(1, 0x100000, 0xFFFFFFFF, WRITE | NEXT, 2)
+        vq.write_desc(2, 0x100000, 0xFFFFFFFF, WRITE, 0)
+        vq.publish_raw(0, [0, 1, 2])
+        r.drv.notify()
+        assert r.drv.status() & NEEDS_RESET and "2^32" in r.dev.last_error
+        assert r.dev.stats["flushes"] == 0
+        r.close()
+
+
 def test_unmapped_guest_memory_is_contained(image):
     mem = GuestMemory(LAYOUT)
     r = Rig(mem, image, "c")
@@ -188,9 +290,19 @@ def test_poll_window_shrinks_when_idle_and_grows_back(image):
         r.vq.submit(out=[HDR.pack(T_IN, 0, 0)], in_=[512, 1])
         r.dev.notify(0)                                  # 2 ms after giving up: stays off
         assert fast.poll_ns == 0
-        fast.poll_ns = 1_000_000
+        assert fast.poll(mem, q) is False                # off, but the sleep is timed ...
+        r.vq.submit(out=[HDR.pack(T_IN, 0, 0)], in_=[512, 1])
+        r.dev.notify(0)                                  # ... so a quick request turns it on
+        assert fast.poll_ns == 1_000_000
         r.vq.submit(out=[HDR.pack(T_IN, 0, 0)], in_=[512, 1])
         assert fast.poll(mem, q) is True                 # a waiting request: at once
+        r.dev.notify(0)
+        # avail.idx moved but brought no request (a guest playing with it): no reward
+        mem.write_u16(r.vq.avail + 2, (r.vq.avail_idx + 1) & 0xFFFF)
+        assert fast.poll(mem, q) is True
+        mem.write_u16(r.vq.avail + 2, r.vq.avail_idx)
+        r.dev.notify(0)
+        assert fast.poll_ns == 500_000
         r.close()
 
 
@@ -227,7 +339,8 @@ REQUEST = st.fixed_dictionaries({
     "indirect": st.booleans(),
 })
 FIELDS = ("addr", "len", "flags", "next")
-MUTATION = st.tuples(st.sampled_from(["desc", "ring", "idx", "used_event", "header"]),
+MUTATION = st.tuples(st.sampled_from(["desc", "indirect", "indirect", "ring", "idx",
+                                      "used_event", "header"]),
                      st.integers(0, 15), st.sampled_from(FIELDS),
                      st.one_of(st.integers(0, 20), st.integers(0, 0xFFFF),
                                st.sampled_from([0x150000, HIGH + 0x100000 - 8, HIGH + 0x80,
@@ -248,6 +361,14 @@ def scenario(mem, path, engine, spec) -> dict:
         (F_INDIRECT_DESC if spec["indirect"] else 0) | (F_FLUSH if spec["flush"] else 0)
     r = Rig(mem, path, engine, want=want, ro=spec["ro"], size=spec["qsize"])
     vq = r.vq
+    q = r.dev.queues[0]
+    # both sides start at the same free-running index, near the 16-bit wrap or not
+    start = spec["start"]
+    q.last_avail = q._avail_seen = q.used_idx = vq.avail_idx = vq.last_used = start
+    mem.write_u16(vq.avail + 2, start)
+    mem.write_u16(vq.used + 2, start)
+    signals = []
+    r.dev.interrupt = signals.append
     notified = []
     for rnd, batch in enumerate(spec["rounds"]):
         last = rnd == len(spec["rounds"]) - 1
@@ -282,6 +403,15 @@ def scenario(mem, path, engine, spec) -> dict:
                     k = FIELDS.index(field)
                     entry[k] = value & ((1 << 64) - 1, 0xFFFFFFFF, 0xFFFF, 0xFFFF)[k]
                     mem.write_struct(at, DESC, *entry)
+                elif target == "indirect" and heads:   # an entry of a request's table
+                    head = heads[i % len(heads)]
+                    addr, length, flags, _ = mem.read_struct(vq.desc + 16 * head, DESC)
+                    if flags & INDIRECT and length >= 16 and mem.contains(addr, length):
+                        at = addr + 16 * (value % (length // 16))
+                        entry = list(mem.read_struct(at, DESC))
+                        k = FIELDS.index(field)
+                        entry[k] = value & ((1 << 64) - 1, 0xFFFFFFFF, 0xFFFF, 0xFFFF)[k]
+                        mem.write_struct(at, DESC, *entry)
                 elif target == "ring":
                     mem.write_u16(vq.avail + 4 + 2 * (i % vq.size), value & 0xFFFF)
                 elif target == "idx":
@@ -298,9 +428,10 @@ def scenario(mem, path, engine, spec) -> dict:
         notified.append(r.dev.notify(0))
         if not last:
             vq.get_used()
-    q = r.dev.queues[0]
     state = {
         "notify": notified,
+        "signals": signals,
+        "ring state": (q._avail_seen, q._signalled_used, q._signalled_valid),
         "status": r.dev.status,
         "errors": dict(r.dev.errors),
         "last_error": r.dev.last_error,
@@ -320,6 +451,7 @@ def scenario(mem, path, engine, spec) -> dict:
     "ro": st.sampled_from([False, False, False, True]), "qsize": st.sampled_from([4, 16, 64]),
     "rounds": st.lists(st.lists(REQUEST, min_size=1, max_size=12), min_size=1, max_size=3),
     "mutations": st.one_of(st.just([]), st.lists(MUTATION, max_size=3)),
+    "start": st.sampled_from([0, 0, 65530, 65535]),
 }))
 def test_both_engines_leave_the_same_bytes(tmp_path_factory, spec):
     results = {}

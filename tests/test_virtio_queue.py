@@ -5,7 +5,9 @@ No /dev/kvm needed: rings live in a GuestMemory. Guest memory here has a hole (R
 """
 from __future__ import annotations
 
+import os
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -634,3 +636,60 @@ def test_used_idx_is_published_when_a_bad_chain_ends_the_batch(mem):
     assert mem.read_u16(USED_ADDR + 2) == 2             # the two completed ones are visible
     assert [used(mem, q, i)[0] for i in range(2)] == [0, 1]
     assert dev.status & 64                              # DEVICE_NEEDS_RESET
+
+
+# -- concurrent readers of what the device stores (the driver runs on another CPU) --------------
+
+RACE_CHILD_SECONDS = 0.4
+
+
+def _watch_u16(mem, gpa: int, allowed: set[int], seconds: float) -> tuple[int, int]:
+    """Fork a process that reads the 16-bit field at ``gpa`` (one 16-bit load, as a guest
+    does) for ``seconds``; (pid, pipe) whose reply is how many reads saw a value not in
+    ``allowed``."""
+    region, off = mem.check(gpa, 2)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:       # pragma: no cover - the child
+        bad = 0
+        view = memoryview(region.mapping).cast("H")
+        i = off // 2
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for _ in range(2000):
+                if view[i] not in allowed:
+                    bad += 1
+        os.write(w, str(bad).encode())
+        os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def test_ring_stores_are_single_stores_a_concurrent_driver_never_sees_torn():
+    """used.idx and avail_event are stored with one 16-bit store: a driver reading them at the
+    same time sees the old or the new value, never a torn one or a transient 0. (struct's
+    pack_into zeroes its bytes first and then writes them one at a time: a Linux guest reading
+    used.idx then could take 0 for the index and complete stale ring entries.)"""
+    with GuestMemory(LAYOUT, shared=True) as mem:
+        q = make_queue(mem, event_idx=True)
+        a, b = 0x12FF, 0x3400          # differ in both bytes; neither is 0
+        q.used_idx = a
+        q.publish_used()
+        avail_event = USED_ADDR + 4 + 8 * q.size
+        mem.write_u16(avail_event, a)
+        for field, store in ((USED_ADDR + 2, "used"), (avail_event, "event")):
+            pid, r = _watch_u16(mem, field, {a, b}, RACE_CHILD_SECONDS)
+            end = time.monotonic() + RACE_CHILD_SECONDS
+            while time.monotonic() < end:
+                for v in (b, a) * 500:
+                    if store == "used":
+                        q.used_idx = v
+                        q.publish_used()
+                    else:              # pop() on an empty ring stores avail_event = last_avail
+                        q.last_avail = q._avail_seen = v
+                        mem.write_u16(AVAIL_ADDR + 2, v)
+                        assert q.pop() is None
+            with os.fdopen(r) as f:
+                bad = int(f.read())
+            os.waitpid(pid, 0)
+            assert bad == 0, f"{store}: {bad} torn reads"

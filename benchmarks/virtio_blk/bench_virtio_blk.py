@@ -153,6 +153,20 @@ def run_inline(path: str, offs: list[int], depth: int = 32) -> float:
 
 
 # -- kvmpy ------------------------------------------------------------------------------------
+def ring_u16(region):
+    """(store, load) of the 16-bit ring fields at byte offsets in ``region``, each one 16-bit
+    access, as a guest's are: the device reads avail.idx while the driver stores it (struct's
+    pack_into zeroes the bytes first: the device could read 0)."""
+    words = region.u16
+
+    def store(_ram, off, value):
+        words[off >> 1] = value
+
+    def load(_ram, off):
+        return (words[off >> 1],)
+    return store, load
+
+
 class Rig(VirtioRig):
     def __init__(self, path: str, depth: int, poll: bool, direct: bool = False,
                  process: bool = False, engine: str = "c", keep: bool = False):
@@ -224,7 +238,8 @@ class Rig(VirtioRig):
         avail_ring, avail_idx_at, used_idx_at = (base + vq.avail + 4, base + vq.avail + 2,
                                                  base + vq.used + 2)
         size = vq.size
-        pack_hdr, pack_u16, unpack_u16 = HDR.pack_into, U16.pack_into, U16.unpack_from
+        pack_hdr = HDR.pack_into
+        pack_u16, unpack_u16 = ring_u16(region)
         irqfd, poll = self.irq.fd, self.poll
         idx, used = self.avail_idx, self.used_seen
         t0 = time.perf_counter()
@@ -254,9 +269,10 @@ class Rig(VirtioRig):
 
     def _run_keep(self, offs: list[int], notify) -> float:
         """fio-style: ``depth`` requests in flight at all times; each completion is answered by
-        the next request at once. EVENT_IDX on both sides (2.7.7.2, 2.7.10), as Linux's
-        virtio_ring does: the driver notifies only when the device asked (avail_event) and
-        sets used_event before it sleeps on the interrupt."""
+        the next request at once. As Linux's virtio_ring does: avail.idx is stored as each
+        request is added (so the device may start on it while the driver adds the next), one
+        notify per refill and only when the device asked for it (EVENT_IDX, avail_event), and
+        used_event set before the driver sleeps on the interrupt (2.7.7.2, 2.7.10)."""
         region, base = self.mem.check(0, MEM)
         ram = region.mapping
         vq, slots, slot_of, last_off = self.vq, self.slots, self.slot_of, self.last_off
@@ -265,7 +281,8 @@ class Rig(VirtioRig):
         used_event_at = base + vq.avail + 4 + 2 * size
         used_ring, used_idx_at = base + vq.used + 4, base + vq.used + 2
         avail_event_at = base + vq.used + 4 + 8 * size
-        pack_hdr, pack_u16, unpack_u16 = HDR.pack_into, U16.pack_into, U16.unpack_from
+        pack_hdr = HDR.pack_into
+        pack_u16, unpack_u16 = ring_u16(region)
         unpack_u32 = struct.Struct("<I").unpack_from
         irqfd, poll = self.irq.fd, self.poll
         idx, used = self.avail_idx, self.used_seen
@@ -297,7 +314,13 @@ class Rig(VirtioRig):
                 i = slot_of[head]
                 _, hdr, _data, st = slots[i]
                 if ram[base + st] != 0:
-                    raise SystemExit(f"request failed: status {ram[base + st]}")
+                    ring = [unpack_u32(ram, used_ring + 8 * (k % size))[0]
+                            for k in range(used - 4, used + 4)]
+                    raise SystemExit(
+                        f"request failed: status {ram[base + st]} (head {head}, used entry "
+                        f"{used}, used.idx {u} now {unpack_u16(ram, used_idx_at)[0]}, "
+                        f"avail.idx {idx}, posted {posted}, completed {completed}, "
+                        f"used ring heads {used - 4}..{used + 3}: {ring})")
                 completed += 1
                 if posted < n:
                     off = offs[posted]
@@ -306,10 +329,10 @@ class Rig(VirtioRig):
                     last_off[i] = off
                     pack_u16(ram, avail_ring + 2 * (idx % size), head)
                     idx = (idx + 1) & 0xFFFF
+                    pack_u16(ram, avail_idx_at, idx)   # each request at once, as Linux does
                     posted += 1
                 used = (used + 1) & 0xFFFF
-            if idx != old:
-                pack_u16(ram, avail_idx_at, idx)
+            if idx != old:   # one notify per refill, if the device asked (blk-mq's commit)
                 full_barrier()
                 if vring_need_event(unpack_u16(ram, avail_event_at)[0], idx, old):
                     notify(0)

@@ -248,17 +248,21 @@ class VirtioDevice:
                     self._signal(Interrupt.USED_BUFFER)
             except Exception as e:   # e.g. an interrupt callable that failed
                 self.needs_reset(f"queue {index}: interrupt: {type(e).__name__}: {e}", "handler")
-            if poll and not more and self.live:
-                try:
-                    more = self.poll_queue(q)
-                except Exception as e:
-                    self.needs_reset(f"queue {index}: poll: {type(e).__name__}: {e}", "handler")
-            return more and self.live
+            if more or not poll or not self.live:
+                return more and self.live
+        # Polling happens without the lock: vCPU threads touching the device's registers
+        # meanwhile are not held up by the busy-wait.
+        try:
+            more = self.poll_queue(q)
+        except Exception as e:
+            self.needs_reset(f"queue {index}: poll: {type(e).__name__}: {e}", "handler")
+        return more and self.live
 
     def poll_queue(self, queue: Queue) -> bool:
-        """Called when ``queue`` ran empty and its completions were signalled: a device may
-        watch the ring a little longer and return True if the driver made more available (the
-        I/O thread then calls notify again at once). Default: no polling."""
+        """Called when ``queue`` ran empty and its completions were signalled, without the
+        device lock (so it may only read the ring, and must cope with a concurrent reset): a
+        device may watch the ring a little longer and return True if the driver made more
+        available (the I/O thread then calls notify again at once). Default: no polling."""
         return False
 
     @contextlib.contextmanager

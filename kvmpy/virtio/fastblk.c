@@ -49,7 +49,7 @@ struct kvmpy_blk {          /* one virtio-blk device (mirrors kvmpy.virtio.blk.V
     uint32_t test_max_io;           /* tests only: at most this many bytes per system call */
     int test_errno;                 /* tests only: every system call fails with this errno */
     uint32_t test_syncs;            /* tests only: fdatasync calls made ... */
-    uint32_t test_used_at_sync;     /* ... and used.idx in guest RAM at the last one */
+    uint16_t test_used_at_sync[16]; /* ... and used.idx in guest RAM at each (the first 16) */
     struct iovec *rd, *wr;          /* scratch: iov_max + 2 entries each */
 };
 
@@ -76,12 +76,17 @@ struct kvmpy_blk {          /* one virtio-blk device (mirrors kvmpy.virtio.blk.V
 /* Guest memory is shared with running vCPUs: every load of a ring field or descriptor goes
  * through a volatile access, so it happens exactly once and its value is the one used (the
  * compiler may not re-read it). x86 is little-endian, as virtio 1.x rings are. */
-static inline uint16_t ld16(uint64_t a) { return *(volatile uint16_t *)(uintptr_t)a; }
-static inline uint32_t ld32(uint64_t a) { return *(volatile uint32_t *)(uintptr_t)a; }
-static inline uint64_t ld64(uint64_t a) { return *(volatile uint64_t *)(uintptr_t)a; }
+/* The guest chooses the alignment of indirect tables and request headers: the types say
+ * "aligned to 1" so that the accesses are defined C wherever they land (x86 loads them fine). */
+typedef uint16_t u16_any __attribute__((aligned(1), may_alias));
+typedef uint32_t u32_any __attribute__((aligned(1), may_alias));
+typedef uint64_t u64_any __attribute__((aligned(1), may_alias));
+static inline uint16_t ld16(uint64_t a) { return *(volatile u16_any *)(uintptr_t)a; }
+static inline uint32_t ld32(uint64_t a) { return *(volatile u32_any *)(uintptr_t)a; }
+static inline uint64_t ld64(uint64_t a) { return *(volatile u64_any *)(uintptr_t)a; }
 static inline void st8(uint64_t a, uint8_t v) { *(volatile uint8_t *)(uintptr_t)a = v; }
-static inline void st16(uint64_t a, uint16_t v) { *(volatile uint16_t *)(uintptr_t)a = v; }
-static inline void st32(uint64_t a, uint32_t v) { *(volatile uint32_t *)(uintptr_t)a = v; }
+static inline void st16(uint64_t a, uint16_t v) { *(volatile u16_any *)(uintptr_t)a = v; }
+static inline void st32(uint64_t a, uint32_t v) { *(volatile u32_any *)(uintptr_t)a = v; }
 
 /* GuestMemory.check's test: the host address of [gpa, gpa+len) if one region holds all of it. */
 static int locate(const struct kvmpy_region *r, int n, int *hint, uint64_t gpa, uint64_t len,
@@ -262,8 +267,9 @@ static int transfer(struct kvmpy_blk *b, int write, struct iovec *iov, int cnt, 
 
 static int sync_file(struct kvmpy_blk *b, const struct kvmpy_vq *q)
 {
+    if (b->test_syncs < 16)
+        b->test_used_at_sync[b->test_syncs] = ld16(q->used + 2);
     b->test_syncs++;
-    b->test_used_at_sync = ld16(q->used + 2);
     if (b->test_errno) {
         errno = b->test_errno;
         return -1;

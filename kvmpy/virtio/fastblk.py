@@ -58,7 +58,9 @@ class BlkFastPath:
         b.fd, b.capacity, b.ro, b.iov_max = fd, capacity, ro, iov_max
         self.poll_max_ns = max(0, min(poll_us, MAX_POLL_US)) * 1000
         self.poll_ns = self.poll_max_ns      # the current window (adaptive, see poll())
-        self._gave_up_at = 0                 # monotonic ns when a poll last found nothing
+        self._gave_up_at = 0                 # monotonic ns when the I/O thread went to sleep
+        self._poll_hit = False               # the last poll saw avail.idx move
+        self._poll_vq = ffi.new("struct kvmpy_vq *")   # poll's own copy: it runs unlocked
         # scratch for one chain's buffers: iov_max data segments plus header and status
         self._rd = ffi.new("struct iovec[]", iov_max + 2)
         self._wr = ffi.new("struct iovec[]", iov_max + 2)
@@ -76,36 +78,47 @@ class BlkFastPath:
 
     def poll(self, memory, queue) -> bool:
         """Busy-wait (GIL released) up to the current window for the driver to make a request
-        available; True if it did. For after the completions were signalled.
+        available; True if it did. For after the completions were signalled, without the
+        device lock (it only reads avail.idx, in RAM pinned for the call).
 
-        The window adapts, as QEMU's poll-grow/poll-shrink do: each poll that finds nothing
-        halves it (down to off), so an idle or slow driver does not cost a spinning CPU; a
-        request arriving within the full window of a poll that gave up (see :meth:`run`) sets
-        it back to the maximum."""
+        The window adapts, as QEMU's poll-grow/poll-shrink do: a poll that finds nothing, or
+        finds an index that :meth:`run` then has no request for, halves it (down to off), so
+        an idle or slow driver does not keep a CPU spinning; a request arriving within the
+        full window after the thread went to sleep (polled in vain, or not at all) sets it
+        back to the maximum, measured by :meth:`run`."""
         ns = self.poll_ns
         if not ns or not queue.ready:
+            self._gave_up_at = time.monotonic_ns()   # going to sleep now
             return False
         regions = memory.regions
         if not regions:
             return False
-        pins = [ffi.from_buffer(r.mapping) for r in regions]
+        vq = self._poll_vq
+        pins = []
         try:
-            queue.export_state(self._vq)
-            got = bool(lib.kvmpy_vq_poll(self._vq, ns))
+            pins += [ffi.from_buffer(r.mapping) for r in regions]
+            queue.export_state(vq)
+            got = bool(lib.kvmpy_vq_poll(vq, ns))
         finally:
             for p in pins:
                 ffi.release(p)
-        if not got:
-            self.poll_ns = ns // 2 if ns >= 2 * MIN_POLL_NS else 0
+        if got:
+            self._poll_hit = True
+        else:
+            self._shrink()
             self._gave_up_at = time.monotonic_ns()
         return got
+
+    def _shrink(self) -> None:
+        ns = self.poll_ns
+        self.poll_ns = ns // 2 if ns >= 2 * MIN_POLL_NS else 0
 
     def run(self, memory, queue, budget: int, sync_writes: bool, stats: dict) -> tuple[int, int]:
         """Run up to ``budget`` requests of ``queue`` in C. Returns (requests done, why it
         stopped: RUN_EMPTY, RUN_DEFER (the next request is Python's) or RUN_BUDGET)."""
-        if self._gave_up_at:   # the first batch since a poll found nothing
+        if self._gave_up_at:   # the first batch since the I/O thread went to sleep
             if time.monotonic_ns() - self._gave_up_at < self.poll_max_ns:
-                self.poll_ns = self.poll_max_ns      # a longer poll would have caught it
+                self.poll_ns = self.poll_max_ns      # a long enough poll would have caught it
             self._gave_up_at = 0
         regions = memory.regions
         if not regions:      # GuestMemory.close() ran: the ring addresses point nowhere now
@@ -114,10 +127,11 @@ class BlkFastPath:
             self._regions = ffi.new("struct kvmpy_region[]",
                                     [(r.gpa, r.size, r.host_address) for r in regions])
             self._regions_of = regions
-        # Pin the RAM for the call (ValueError if it was already unmapped).
-        pins = [ffi.from_buffer(r.mapping) for r in regions]
         vq, b = self._vq, self._blk
+        pins = []
         try:
+            # Pin the RAM for the call (ValueError if it was already unmapped).
+            pins += [ffi.from_buffer(r.mapping) for r in regions]
             with ffi.from_buffer(queue._in_flight) as in_flight:
                 queue.export_state(vq)
                 vq.in_flight = in_flight
@@ -128,6 +142,10 @@ class BlkFastPath:
             for p in pins:
                 ffi.release(p)
         queue.import_state(vq, done)
+        if self._poll_hit:
+            self._poll_hit = False
+            if not done and self._why[0] == RUN_EMPTY:
+                self._shrink()      # the index moved but brought no request: no reward
         if done:
             stats["reads"] += b.reads
             stats["writes"] += b.writes

@@ -32,9 +32,13 @@ device layer turns into DEVICE_NEEDS_RESET (2.1.2). In particular:
 It does not parse requests (devices do), run anything asynchronously, or know about transports.
 Only the split ring is implemented (no VIRTIO_F_RING_PACKED, no VIRTIO_F_IN_ORDER).
 
-Memory ordering: the rings are shared with vCPUs running concurrently. x86 keeps stores in order
-and loads in order, so the used element is visible before the used index that publishes it, and
-the available index is read before the ring entries it covers. The one reordering x86 does allow,
+Memory ordering: the rings are shared with vCPUs running concurrently. The 16-bit fields the
+driver reads or writes meanwhile (avail.idx, avail.flags, the ring heads, used_event, used.idx,
+avail_event) are each accessed with one 16-bit load or store (MemoryRegion.u16), never with
+struct's pack_into, which zeroes the bytes and then stores them one at a time: a guest reading
+used.idx in between took 0 for it (tests/test_virtio_queue.py shows the torn reads). x86 keeps
+stores in order and loads in order, so the used element is visible before the used index that
+publishes it, and the available index is read before the ring entries it covers. The one reordering x86 does allow,
 a later load passing an earlier store, matters where the device stores one index and then loads
 the driver's (event index handshakes); :func:`full_barrier` is placed there.
 """
@@ -51,7 +55,6 @@ from kvmpy.errors import GuestMemoryError
 DESC = struct.Struct("<QIHH")
 # struct virtq_used_elem { le32 id; le32 len; } (2.7.8)
 USED_ELEM = struct.Struct("<II")
-_U16 = struct.Struct("<H")      # ring indices, flags and event fields (2.7.6, 2.7.8)
 
 MAX_QUEUE_SIZE = 32768          # 2.7: "Queue Size ... The maximum Queue Size value is 32768"
 MAX_INDIRECT_ENTRIES = 65535    # an indirect table is indexed by the 16-bit `next` (2.7.5.3)
@@ -280,10 +283,19 @@ class Queue:
                 region, offset = self.memory.check(addr, length)
             except GuestMemoryError:
                 raise QueueError(f"{what} at {addr:#x}+{length:#x} is not in guest RAM") from None
-            located.append((region.mapping, offset, region.host_address + offset))
-        (self._desc_map, self._desc_off, self.desc_hva), \
-            (self._avail_map, self._avail_off, self.avail_hva), \
-            (self._used_map, self._used_off, self.used_hva) = located
+            located.append((region, offset))
+        (desc, self._desc_off), (avail, self._avail_off), (used, self._used_off) = located
+        self._desc_map, self._avail_map, self._used_map = desc.mapping, avail.mapping, used.mapping
+        self.desc_hva = desc.host_address + self._desc_off
+        self.avail_hva = avail.host_address + self._avail_off
+        self.used_hva = used.host_address + self._used_off
+        # 16-bit fields the driver reads or writes concurrently go through the regions' u16
+        # views (one load or store each; see MemoryRegion): indices of the words below.
+        self._avail16, self._used16 = avail.u16, used.u16
+        a, u = self._avail_off // 2, self._used_off // 2        # both parts are 2-aligned
+        self._i_avail_flags, self._i_avail_idx, self._i_avail_ring = a, a + 1, a + 2
+        self._i_used_event = a + 2 + size                       # avail->ring[size]
+        self._i_used_idx, self._i_avail_event = u + 1, u + 2 + 4 * size   # used->ring[size]
         self.event_idx = bool(event_idx)
         self.indirect = bool(indirect)
         self._clear_ring_state()
@@ -293,7 +305,7 @@ class Queue:
     def _read_avail_idx(self) -> int:
         """avail.idx, checked: at most ``size`` entries ahead of what the device consumed."""
         # struct virtq_avail { le16 flags; le16 idx; le16 ring[size]; le16 used_event; }
-        avail_idx = _U16.unpack_from(self._avail_map, self._avail_off + 2)[0]
+        avail_idx = self._avail16[self._i_avail_idx]
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if pending > self.size:
             raise QueueError(f"avail.idx {avail_idx} is {pending} entries ahead of the "
@@ -316,11 +328,11 @@ class Queue:
                 return None
             # 2.7.10: ask for a notification when the driver goes past what we consumed,
             # then look again: a buffer made available meanwhile would not be notified.
-            _U16.pack_into(self._used_map, self._used_off + 4 + 8 * self.size, last)  # avail_event
+            self._used16[self._i_avail_event] = last
             full_barrier()
             if self._read_avail_idx() == last:
                 return None
-        head = _U16.unpack_from(self._avail_map, self._avail_off + 4 + 2 * (last % self.size))[0]
+        head = self._avail16[self._i_avail_ring + last % self.size]
         if head >= self.size:
             raise QueueError(f"available head {head} is not below the queue size {self.size}")
         if self._in_flight[head]:
@@ -452,7 +464,7 @@ class Queue:
         if self.ready:
             # 2.7.8.1: the elements are written before idx makes them visible (x86 keeps
             # store order).
-            _U16.pack_into(self._used_map, self._used_off + 2, self.used_idx)
+            self._used16[self._i_used_idx] = self.used_idx
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was added since the last
@@ -465,12 +477,12 @@ class Queue:
         # load its field: without the barrier both could miss the other's store.
         full_barrier()
         if self.event_idx:
-            used_event = _U16.unpack_from(self._avail_map, self._avail_off + 4 + 2 * self.size)[0]
+            used_event = self._avail16[self._i_used_event]
             new, old = self.used_idx, self._signalled_used
             valid = self._signalled_valid
             self._signalled_used, self._signalled_valid = new, True
             return not valid or vring_need_event(used_event, new, old)
-        flags = _U16.unpack_from(self._avail_map, self._avail_off)[0]
+        flags = self._avail16[self._i_avail_flags]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
 
