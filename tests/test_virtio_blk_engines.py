@@ -63,16 +63,21 @@ def image(tmp_path):
     return p
 
 
-def count_c_requests(monkeypatch) -> list[int]:
-    """Requests completed by the C engine, summed over its calls."""
-    done = [0]
+def counting_run(done: list[int]):
+    """BlkFastPath.run, adding the requests the C engine completed to ``done[0]``."""
     real = BlkFastPath.run
 
     def run(self, *a, **k):
         n, why = real(self, *a, **k)
         done[0] += n
         return n, why
-    monkeypatch.setattr(BlkFastPath, "run", run)
+    return run
+
+
+def count_c_requests(monkeypatch) -> list[int]:
+    """Requests completed by the C engine, summed over its calls."""
+    done = [0]
+    monkeypatch.setattr(BlkFastPath, "run", counting_run(done))
     return done
 
 
@@ -457,12 +462,7 @@ def test_both_engines_leave_the_same_bytes(tmp_path_factory, spec):
     results = {}
     c_done = [0]
     real = BlkFastPath.run
-
-    def counted(self, *a, **k):
-        n, why = real(self, *a, **k)
-        c_done[0] += n
-        return n, why
-    BlkFastPath.run = counted
+    BlkFastPath.run = counting_run(c_done)    # not monkeypatch: one per example, not per test
     try:
         for engine in ("c", "python"):
             path = tmp_path_factory.mktemp(engine) / "disk.img"

@@ -153,18 +153,13 @@ def run_inline(path: str, offs: list[int], depth: int = 32) -> float:
 
 
 # -- kvmpy ------------------------------------------------------------------------------------
-def ring_u16(region):
-    """(store, load) of the 16-bit ring fields at byte offsets in ``region``, each one 16-bit
-    access, as a guest's are: the device reads avail.idx while the driver stores it (struct's
-    pack_into zeroes the bytes first: the device could read 0)."""
-    words = region.u16
-
-    def store(_ram, off, value):
-        words[off >> 1] = value
-
-    def load(_ram, off):
-        return (words[off >> 1],)
-    return store, load
+def ring_words(region, *offsets: int):
+    """The region's 16-bit view and the word index of each byte offset: the driver stores and
+    loads ring fields with one 16-bit access each, as a guest does (struct's pack_into zeroes
+    the bytes first: the device, reading avail.idx meanwhile, could see 0)."""
+    for off in offsets:
+        assert off % 2 == 0
+    return (region.u16, *(off >> 1 for off in offsets))
 
 
 class Rig(VirtioRig):
@@ -239,7 +234,8 @@ class Rig(VirtioRig):
                                                  base + vq.used + 2)
         size = vq.size
         pack_hdr = HDR.pack_into
-        pack_u16, unpack_u16 = ring_u16(region)
+        w, avail_ring_w, avail_idx_w, used_idx_w = ring_words(region, avail_ring, avail_idx_at,
+                                                              used_idx_at)
         irqfd, poll = self.irq.fd, self.poll
         idx, used = self.avail_idx, self.used_seen
         t0 = time.perf_counter()
@@ -248,12 +244,12 @@ class Rig(VirtioRig):
             for (head, hdr, _data, st), off in zip(slots, batch):
                 pack_hdr(ram, base + hdr, 0, 0, off >> 9)       # VIRTIO_BLK_T_IN
                 ram[base + st] = 0xFF                           # poison the status byte
-                pack_u16(ram, avail_ring + 2 * (idx % size), head)
+                w[avail_ring_w + idx % size] = head
                 idx = (idx + 1) & 0xFFFF
-            pack_u16(ram, avail_idx_at, idx)
+            w[avail_idx_w] = idx
             notify(0)
             want = (used + len(batch)) & 0xFFFF
-            while unpack_u16(ram, used_idx_at)[0] != want:
+            while w[used_idx_w] != want:
                 if not poll:
                     os.eventfd_read(irqfd)
             used = want
@@ -282,7 +278,8 @@ class Rig(VirtioRig):
         used_ring, used_idx_at = base + vq.used + 4, base + vq.used + 2
         avail_event_at = base + vq.used + 4 + 8 * size
         pack_hdr = HDR.pack_into
-        pack_u16, unpack_u16 = ring_u16(region)
+        w, avail_ring_w, avail_idx_w, used_idx_w, used_event_w, avail_event_w = ring_words(
+            region, avail_ring, avail_idx_at, used_idx_at, used_event_at, avail_event_at)
         unpack_u32 = struct.Struct("<I").unpack_from
         irqfd, poll = self.irq.fd, self.poll
         idx, used = self.avail_idx, self.used_seen
@@ -293,19 +290,19 @@ class Rig(VirtioRig):
             pack_hdr(ram, base + hdr, 0, 0, off >> 9)           # VIRTIO_BLK_T_IN
             ram[base + st] = 0xFF
             last_off[i] = off
-            pack_u16(ram, avail_ring + 2 * (idx % size), head)
+            w[avail_ring_w + idx % size] = head
             idx = (idx + 1) & 0xFFFF
             posted += 1
-        pack_u16(ram, avail_idx_at, idx)
+        w[avail_idx_w] = idx
         notify(0)
         while completed < n:
-            u = unpack_u16(ram, used_idx_at)[0]
+            u = w[used_idx_w]
             if u == used:
                 if poll:
                     continue
-                pack_u16(ram, used_event_at, used)   # interrupt me at the next used entry
+                w[used_event_w] = used   # interrupt me at the next used entry
                 full_barrier()
-                if unpack_u16(ram, used_idx_at)[0] == used:
+                if w[used_idx_w] == used:
                     os.eventfd_read(irqfd)
                 continue
             old = idx
@@ -318,7 +315,7 @@ class Rig(VirtioRig):
                             for k in range(used - 4, used + 4)]
                     raise SystemExit(
                         f"request failed: status {ram[base + st]} (head {head}, used entry "
-                        f"{used}, used.idx {u} now {unpack_u16(ram, used_idx_at)[0]}, "
+                        f"{used}, used.idx {u} now {w[used_idx_w]}, "
                         f"avail.idx {idx}, posted {posted}, completed {completed}, "
                         f"used ring heads {used - 4}..{used + 3}: {ring})")
                 completed += 1
@@ -327,14 +324,14 @@ class Rig(VirtioRig):
                     pack_hdr(ram, base + hdr, 0, 0, off >> 9)
                     ram[base + st] = 0xFF
                     last_off[i] = off
-                    pack_u16(ram, avail_ring + 2 * (idx % size), head)
+                    w[avail_ring_w + idx % size] = head
                     idx = (idx + 1) & 0xFFFF
-                    pack_u16(ram, avail_idx_at, idx)   # each request at once, as Linux does
+                    w[avail_idx_w] = idx   # each request at once, as Linux does
                     posted += 1
                 used = (used + 1) & 0xFFFF
             if idx != old:   # one notify per refill, if the device asked (blk-mq's commit)
                 full_barrier()
-                if vring_need_event(unpack_u16(ram, avail_event_at)[0], idx, old):
+                if vring_need_event(w[avail_event_w], idx, old):
                     notify(0)
         elapsed = time.perf_counter() - t0
         self.avail_idx, self.used_seen = idx, used

@@ -223,6 +223,24 @@ static void add_used(struct kvmpy_vq *q, uint16_t head, uint32_t written)
 
 /* -- the block device (5.2.6) ----------------------------------------------------------------*/
 
+/* Drop the first `n` bytes of iov[0..cnt), in place: *iovp moves past the entries used up and a
+ * partly used one is shortened. Returns the entries left. */
+static int iov_skip(struct iovec **iovp, int cnt, uint64_t n)
+{
+    struct iovec *iov = *iovp;
+    while (cnt > 0 && n >= iov[0].iov_len) {
+        n -= iov[0].iov_len;
+        iov++;
+        cnt--;
+    }
+    if (cnt > 0 && n) {
+        iov[0].iov_base = (char *)iov[0].iov_base + n;
+        iov[0].iov_len -= n;
+    }
+    *iovp = iov;
+    return cnt;
+}
+
 /* Transfer all of iov[0..cnt) at file offset pos, resuming short transfers. 0, or -1 (errno). */
 static int transfer(struct kvmpy_blk *b, int write, struct iovec *iov, int cnt, uint64_t pos)
 {
@@ -251,16 +269,7 @@ static int transfer(struct kvmpy_blk *b, int write, struct iovec *iov, int cnt, 
             return -1;
         }
         pos += (uint64_t)n;
-        size_t left = (size_t)n;
-        while (cnt > 0 && left >= iov[0].iov_len) {
-            left -= iov[0].iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0 && left) {
-            iov[0].iov_base = (char *)iov[0].iov_base + left;
-            iov[0].iov_len -= left;
-        }
+        cnt = iov_skip(&iov, cnt, (uint64_t)n);
     }
     return 0;
 }
@@ -281,15 +290,7 @@ static int sync_file(struct kvmpy_blk *b, const struct kvmpy_vq *q)
  * Returns their count. */
 static int data_segments(struct iovec *iov, int n, uint64_t skip, uint64_t trim, struct iovec **out)
 {
-    while (n > 0 && skip >= iov[0].iov_len) {
-        skip -= iov[0].iov_len;
-        iov++;
-        n--;
-    }
-    if (n > 0 && skip) {
-        iov[0].iov_base = (char *)iov[0].iov_base + skip;
-        iov[0].iov_len -= skip;
-    }
+    n = iov_skip(&iov, n, skip);
     while (n > 0 && trim >= iov[n - 1].iov_len) {
         trim -= iov[n - 1].iov_len;
         n--;
