@@ -153,6 +153,22 @@ struct chain {
     uint64_t read_len, write_len;
 };
 
+/* Count a buffer of `len` bytes at `hva` into one direction of a chain; a non-empty one takes
+ * an iovec entry. 0 when the entries are used up (the chain is deferred). */
+static int add_buffer(struct iovec *v, int *n, int max, uint64_t *total, uint64_t hva,
+                      uint32_t len)
+{
+    *total += len;
+    if (!len)
+        return 1;
+    if (*n == max)
+        return 0;
+    v[*n].iov_base = (void *)(uintptr_t)hva;
+    v[*n].iov_len = len;
+    (*n)++;
+    return 1;
+}
+
 /* Walk the chain from `head` with Queue._walk's rules; 0 (defer) on any rule broken, or when
  * the chain has more than c->max non-empty buffers in one direction. */
 static int walk(const struct kvmpy_vq *q, const struct kvmpy_region *regions, int nregions,
@@ -187,23 +203,13 @@ static int walk(const struct kvmpy_vq *q, const struct kvmpy_region *regions, in
         if (!locate(regions, nregions, hint, addr, len, &hva))
             return 0;
         if (flags & F_WRITE) {
-            c->write_len += len;
-            if (len) {
-                if (c->nwr == c->max)
-                    return 0;
-                c->wr[c->nwr].iov_base = (void *)(uintptr_t)hva;
-                c->wr[c->nwr++].iov_len = len;
-            }
+            if (!add_buffer(c->wr, &c->nwr, c->max, &c->write_len, hva, len))
+                return 0;
         } else {
             if (c->nwr)                 /* readable after writable (2.7.4.2) */
                 return 0;
-            c->read_len += len;
-            if (len) {
-                if (c->nrd == c->max)
-                    return 0;
-                c->rd[c->nrd].iov_base = (void *)(uintptr_t)hva;
-                c->rd[c->nrd++].iov_len = len;
-            }
+            if (!add_buffer(c->rd, &c->nrd, c->max, &c->read_len, hva, len))
+                return 0;
         }
         if (!(flags & F_NEXT))
             break;
