@@ -75,11 +75,20 @@ class GuestMemory:
         self.size = sum(r.size for r in self.regions)
 
     def close(self) -> None:
-        for r in self.regions:
+        """Unmap every region (idempotent). If a region's mapping is still exported (a view
+        someone holds: GuestMemory.view, a C call's pin), its close raises BufferError after
+        the others were closed; the memory counts as closed either way."""
+        regions, self.regions, self._starts = self.regions, [], []
+        for r in regions:
             r.u16.release()       # else the mapping refuses to close (an exported buffer)
-            r.mapping.close()
-        self.regions = []
-        self._starts = []
+        failed = None
+        for r in regions:
+            try:
+                r.mapping.close()
+            except BufferError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     def __enter__(self) -> "GuestMemory":
         return self

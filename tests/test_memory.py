@@ -92,3 +92,13 @@ def test_shared_memory_is_seen_by_a_forked_process(shared):
                 os._exit(0)
         os.waitpid(pid, 0)
         assert m.read(0x20, 6) == (b"child!" if shared else b"\0" * 6)
+
+
+def test_close_goes_on_past_a_region_still_exported():
+    mem = GuestMemory([(0, 1 << 20), (2 << 20, 1 << 20)])
+    held = mem.view(0x1000, 16)               # a view the caller forgot to release
+    with pytest.raises(BufferError):
+        mem.close()
+    assert mem.regions == [] and not mem.contains(0)   # closed as far as kvmpy is concerned
+    held.release()
+    mem.close()                               # idempotent
