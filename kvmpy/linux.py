@@ -106,6 +106,10 @@ def build_linux(cfg: LinuxConfig) -> Machine:
     try:
         _check_cpus(m, cfg.cpus)
         add_boot_devices(m, cfg.console_sink)
+        if cfg.devices and cfg.transport == "mmio" and kind == "bzimage":
+            problem = virtio_mmio_cmdline_problem(cfg.kernel, image.kernel_version)
+            if problem:
+                stderr_note(problem)
         if cfg.devices:
             import copy
 
@@ -134,6 +138,31 @@ def build_linux(cfg: LinuxConfig) -> Machine:
         m.close()
         raise
     return m
+
+
+def virtio_mmio_cmdline_problem(kernel_path: str, kernel_version: str) -> str | None:
+    """Why the kernel will not see virtio-mmio devices announced on its command line, if the
+    build configuration installed beside it says so; else None.
+
+    Linux reads ``virtio_mmio.device=`` only when built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES
+    (drivers/virtio/Kconfig); Debian's kernels are not, so with ``--transport mmio`` the guest
+    silently has no disk, network or rng. Distributions install the configuration as
+    ``/boot/config-<release>`` next to ``vmlinuz-<release>`` (so does the default guest's
+    package); the release is the first word of the bzImage's version string."""
+    release = kernel_version.split()[0] if kernel_version.strip() else ""
+    if not release or "/" in release:
+        return None
+    config = os.path.join(os.path.dirname(os.path.abspath(kernel_path)), f"config-{release}")
+    try:
+        with open(config, errors="replace") as f:
+            options = set(f.read().splitlines())
+    except OSError:
+        return None
+    if "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y" in options:
+        return None
+    return (f"warning: {config} says this kernel was built without "
+            "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so it will not find the --transport mmio "
+            "devices; use --transport pci")
 
 
 def _check_cpus(m: Machine, cpus: int) -> None:

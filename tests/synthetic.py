@@ -12,7 +12,8 @@ SECTOR = 512
 def bzimage(code64: bytes, *, version: int = 0x020F, setup_sects: int = 1,
             relocatable: bool = False, init_size: int = 0x100000, cmdline_size: int = 2047,
             initrd_addr_max: int = 0x7FFFFFFF, xloadflags: int = 0x1, pref: int = 0x100000,
-            kernel_alignment: int = 0x200000, payload: bytes | None = None) -> bytes:
+            kernel_alignment: int = 0x200000, payload: bytes | None = None,
+            kernel_version: str = "") -> bytes:
     """A bzImage whose protected-mode part is ``code64`` (startup_64 at its offset 0x200).
 
     Field offsets: Documentation/arch/x86/boot.rst, "THE REAL-MODE KERNEL HEADER"."""
@@ -42,6 +43,10 @@ def bzimage(code64: bytes, *, version: int = 0x020F, setup_sects: int = 1,
         struct.pack_into("<II", setup, 0x248, 0x100, 0x10)
     struct.pack_into("<Q", setup, 0x258, pref)                            # pref_address
     struct.pack_into("<I", setup, 0x260, init_size)
+    if kernel_version:   # the string "make" puts in the setup code, e.g. "6.1.0-50-amd64 (...)"
+        at = 0x300
+        setup[at:at + len(kernel_version) + 1] = kernel_version.encode() + b"\0"
+        struct.pack_into("<H", setup, 0x20E, at - 0x200)                  # kernel_version
     return bytes(setup) + code64.ljust((len(code64) + 15) // 16 * 16, b"\0")
 
 

@@ -201,3 +201,43 @@ def test_symbols_with_a_bzimage_turn_kaslr_off(zp_kernel, tmp_path):
     assert parse(p.stdout)["cmdline"] == "kaslr" and b"nokaslr" not in p.stderr
     p = run_kvmpy("boot", "--kernel", str(zp_kernel), "--append", "quiet")   # no symbols
     assert parse(p.stdout)["cmdline"] == "quiet"
+
+
+# -- virtio-mmio on a kernel that cannot see it ----------------------------------------------
+
+@pytest.fixture
+def versioned_kernel(tmp_path):
+    """A synthetic bzImage with a version string, and a /boot-style config beside it."""
+    path = tmp_path / "vmlinuz-6.1.0-test"
+    path.write_bytes(bzimage(zeropage_kernel_code(), kernel_version="6.1.0-test (kvmpy@tests) #1"))
+    return path
+
+
+def zeropage_kernel_code() -> bytes:
+    from kvmpy.asm import assemble
+    return assemble(LIB16 + "\n" + (GUESTS / "zeropage64.S").read_text(), 0x100000)
+
+
+def test_mmio_warning_from_the_kernels_config(tmp_path):
+    from kvmpy.linux import virtio_mmio_cmdline_problem as problem
+
+    kernel = tmp_path / "vmlinuz-6.1.0-50-amd64"
+    assert problem(str(kernel), "6.1.0-50-amd64 (debian-kernel@lists.debian.org) #1") is None
+    config = tmp_path / "config-6.1.0-50-amd64"
+    config.write_text("CONFIG_VIRTIO_MMIO=m\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n")
+    msg = problem(str(kernel), "6.1.0-50-amd64 (debian-kernel@lists.debian.org) #1")
+    assert "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES" in msg and "--transport pci" in msg
+    assert str(config) in msg and "\n" not in msg
+    config.write_text("CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n")
+    assert problem(str(kernel), "6.1.0-50-amd64 #1") is None
+    assert problem(str(kernel), "") is None                    # no version string: no guess
+
+
+@pytest.mark.parametrize("transport, warned", [("mmio", True), ("pci", False)])
+def test_boot_warns_when_the_kernel_cannot_see_mmio_devices(versioned_kernel, transport, warned):
+    (versioned_kernel.parent / "config-6.1.0-test").write_text(
+        "CONFIG_VIRTIO_MMIO=y\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n")
+    p = run_kvmpy("boot", "--kernel", str(versioned_kernel), "--mem", "64M", "--rng",
+                  "--transport", transport)
+    assert p.returncode == 0x21, p.stderr
+    assert (b"built without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES" in p.stderr) == warned, p.stderr
