@@ -371,26 +371,20 @@ int kvmpy_blk_run(struct kvmpy_vq *q, const struct kvmpy_region *regions, int nr
         int n;
         uint8_t status = S_OK;
         uint32_t written = 0;
-        if (type == T_IN) {
-            if (!range_ok(b, sector, data_in))
+        if (type == T_IN || type == T_OUT) {
+            int write = type == T_OUT;
+            if ((write && b->ro) || !range_ok(b, sector, write ? data_out : data_in))
                 goto defer;                              /* IOERR, said by Python */
-            n = data_segments(c.wr, c.nwr, 0, 1, &data);
+            /* the data: writable bytes before the status, or readable ones after the header */
+            n = write ? data_segments(c.rd, c.nrd, HEADER_SIZE, 0, &data)
+                      : data_segments(c.wr, c.nwr, 0, 1, &data);
             if (n > b->iov_max)
                 goto defer;
-            if (transfer(b, 0, data, n, sector * SECTOR_SIZE) < 0) {
+            if (transfer(b, write, data, n, sector * SECTOR_SIZE) < 0) {
                 status = S_IOERR;
-            } else {
+            } else if (!write) {
                 b->reads++;
                 written = (uint32_t)data_in;
-            }
-        } else if (type == T_OUT) {
-            if (b->ro || !range_ok(b, sector, data_out))
-                goto defer;
-            n = data_segments(c.rd, c.nrd, HEADER_SIZE, 0, &data);
-            if (n > b->iov_max)
-                goto defer;
-            if (transfer(b, 1, data, n, sector * SECTOR_SIZE) < 0) {
-                status = S_IOERR;
             } else {
                 b->writes++;
                 if (b->sync_writes && sync_file(b, q) < 0)

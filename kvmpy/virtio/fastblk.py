@@ -27,6 +27,7 @@ compare or to debug with Python tools.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -47,6 +48,19 @@ def choose_engine(engine: str | None) -> str:
         raise KvmpyError(f"virtio-blk engine {engine!r} is unknown; use one of "
                          f"{', '.join(ENGINES)} (KVMPY_BLK_ENGINE)")
     return engine
+
+
+@contextlib.contextmanager
+def _pinned(regions):
+    """Every region's mmap exported for the duration (ValueError if one is already unmapped):
+    ``mmap.close()`` refuses meanwhile, so C code may use the regions' host addresses."""
+    pins = []
+    try:
+        pins += [ffi.from_buffer(r.mapping) for r in regions]
+        yield
+    finally:
+        for p in pins:
+            ffi.release(p)
 
 
 class BlkFastPath:
@@ -94,14 +108,9 @@ class BlkFastPath:
         if not regions:
             return False
         vq = self._poll_vq
-        pins = []
-        try:
-            pins += [ffi.from_buffer(r.mapping) for r in regions]
+        with _pinned(regions):
             queue.export_state(vq)
             got = bool(lib.kvmpy_vq_poll(vq, ns))
-        finally:
-            for p in pins:
-                ffi.release(p)
         if got:
             self._poll_hit = True
         else:
@@ -128,19 +137,12 @@ class BlkFastPath:
                                     [(r.gpa, r.size, r.host_address) for r in regions])
             self._regions_of = regions
         vq, b = self._vq, self._blk
-        pins = []
-        try:
-            # Pin the RAM for the call (ValueError if it was already unmapped).
-            pins += [ffi.from_buffer(r.mapping) for r in regions]
-            with ffi.from_buffer(queue._in_flight) as in_flight:
-                queue.export_state(vq)
-                vq.in_flight = in_flight
-                b.sync_writes = sync_writes
-                done = lib.kvmpy_blk_run(vq, self._regions, len(regions), b, budget, self._why)
-                vq.in_flight = ffi.NULL
-        finally:
-            for p in pins:
-                ffi.release(p)
+        with _pinned(regions), ffi.from_buffer(queue._in_flight) as in_flight:
+            queue.export_state(vq)
+            vq.in_flight = in_flight
+            b.sync_writes = sync_writes
+            done = lib.kvmpy_blk_run(vq, self._regions, len(regions), b, budget, self._why)
+            vq.in_flight = ffi.NULL
         queue.import_state(vq, done)
         if self._poll_hit:
             self._poll_hit = False
