@@ -47,12 +47,15 @@ def build_guest(guest_dir):
     return build
 
 
-def pvh_kernel(name: str, out_dir: Path, text: int = 0x100000) -> Path:
-    """tests/guests/NAME.S (a PVH_ENTRY guest, after lib16.inc) assembled and linked into an ELF
-    kernel whose code starts at ``text``; returns its path in ``out_dir``."""
+def pvh_kernel(name: str, out_dir: Path, text: int = 0x100000,
+               defsyms: dict[str, int] | None = None) -> Path:
+    """tests/guests/NAME.S (a PVH_ENTRY guest, after lib16.inc) assembled (with ``as
+    --defsym`` for each of ``defsyms``) and linked into an ELF kernel whose code starts at
+    ``text``; returns its path in ``out_dir``."""
     src, obj, elf = out_dir / f"{name}.S", out_dir / f"{name}.o", out_dir / f"{name}.elf"
     src.write_text(LIB16 + "\n" + (GUESTS / f"{name}.S").read_text())
-    subprocess.run(["as", "--64", "-o", obj, src], check=True)
+    syms = [f"--defsym={k}={v}" for k, v in (defsyms or {}).items()]
+    subprocess.run(["as", "--64", *syms, "-o", obj, src], check=True)
     subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={text:#x}", "-e", "pvh_start", "-o",
                     elf, obj], check=True)
     return elf

@@ -1,6 +1,12 @@
-"""--disk/--rng/--transport/--device-map on the command line: layout, order, errors."""
-from conftest import run_kvmpy
+"""--disk/--rng/--transport/--device-map on the command line: layout, order, errors; guests
+that drive virtio-blk themselves."""
+import random
 from pathlib import Path
+
+import pytest
+
+from conftest import pvh_kernel, run_kvmpy
+from virtio_driver import bench_end, bench_expect
 
 HELLO = str(Path(__file__).parent.parent / "examples" / "01-real-mode-hello" / "hello.S")
 
@@ -42,3 +48,24 @@ def test_guest_drives_virtio_blk_itself(build_guest, tmp_path):
     assert lines[2].startswith("flush:")           # UNSUPP (2) unless FLUSH was negotiated
     data = disk.read_bytes()
     assert data[512:520] == b"kvmpy!!\n" and data[:8] == b"BOOTSECT"
+
+
+@pytest.mark.parametrize("engine,poll_us", [("c", "50"), ("c", "0"), ("python", "50")])
+def test_cpl3_guest_reads_random_blocks(tmp_path, engine, poll_us):
+    """tests/guests/virtio_blk_bench.S (the virtio-blk benchmark's guest) through `kvmpy boot`:
+    a PVH kernel that sets up long mode and the device at CPL0, then drives virtio-mmio from
+    CPL3 (native speed on PVM): batches of 4 KiB reads at xorshift sectors, notify by
+    ioeventfd, completions polled. Every status byte must be OK, and the blocks' bytes (the
+    last batch's first block and an XOR of every block's first 8 bytes) must be the file's."""
+    qd, nbatch, reps, nblocks = 8, 40, 2, 64
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(random.Random(7).randbytes(nblocks * 4096))
+    kernel = pvh_kernel("virtio_blk_bench", tmp_path, defsyms={
+        "QD": qd, "NBATCH": nbatch, "REPS": reps, "NBLOCKS": nblocks})
+    p = run_kvmpy("boot", "--kernel", str(kernel), "--append", "x", "--mem", "64M", "--transport", "mmio",
+                  "--disk", f"{disk},ro", "--timeout", "60",
+                  env={"KVMPY_BLK_ENGINE": engine, "KVMPY_BLK_POLL_US": poll_us})
+    lines = p.stdout.decode().splitlines()
+    assert p.returncode == 0x21, (lines, p.stderr)
+    assert lines[:reps + 1] == ["t"] * (reps + 1)
+    assert bench_end(lines[reps + 1]) == bench_expect(disk.read_bytes(), qd * nbatch * reps, qd)

@@ -302,3 +302,39 @@ class MmioDriver:
                 raise TimeoutError(f"{len(got)} of {count} used entries after {timeout} s")
             time.sleep(0.001)
         return got
+
+
+# -- the guest of tests/guests/virtio_blk_bench.S ---------------------------------------------
+BENCH_SEED = 0x9E3779B97F4A7C15      # its SEED
+
+
+def bench_blocks(n: int, nblocks: int) -> list[int]:
+    """The 4 KiB blocks that guest reads, in order: xorshift64 (13, 7, 17) modulo ``nblocks``."""
+    x, m, out = BENCH_SEED, (1 << 64) - 1, []
+    for _ in range(n):
+        x ^= (x << 13) & m
+        x ^= x >> 7
+        x ^= (x << 17) & m
+        out.append(x % nblocks)
+    return out
+
+
+def bench_end(line: str) -> dict[str, int]:
+    """Its last line, ``end err:E sector:S data:D sum:X``, as a dict of those four numbers
+    (hexadecimal; ``data`` is the first 8 bytes of the last batch's first buffer in order,
+    ``sum`` the XOR of every buffer's first 8 bytes read as little-endian numbers)."""
+    words = line.split()
+    if words[:1] != ["end"]:
+        raise ValueError(f"not the guest's end line: {line!r}")
+    return {k: int(v, 16) for k, v in (w.split(":") for w in words[1:])}
+
+
+def bench_expect(disk: bytes, n: int, qd: int) -> dict[str, int]:
+    """What that guest's end line must say after ``n`` requests in batches of ``qd`` from the
+    image ``disk`` (a multiple of 4 KiB): no error, the last batch's first request, the XOR."""
+    blocks = bench_blocks(n, len(disk) // 4096)
+    last, x = blocks[n - qd], 0
+    for b in blocks:
+        x ^= int.from_bytes(disk[b * 4096:b * 4096 + 8], "little")
+    return {"err": 0, "sector": (last * 8) & 0xFFFFFFFF,
+            "data": int.from_bytes(disk[last * 4096:last * 4096 + 8], "big"), "sum": x}

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""virtio-blk 4 KiB random reads driven by a real guest: kvmpy and QEMU side by side, against
+an os.preadv loop on the same offsets.
+
+The guest (tests/guests/virtio_blk_bench.S, also run by tests/test_virtio_cli.py) is one PVH ELF that both VMMs boot with their
+own virtio-mmio transport: kvmpy ``boot --transport mmio --disk IMG,ro`` and QEMU ``-M microvm
+-device virtio-blk-device``. It sets up long mode and the device at CPL0, then runs its driver
+at CPL3 (native speed on this PVM host, where CPL0 is emulated): batches of QD chains (header |
+4 KiB device-writable | status), one avail.idx store, a QueueNotify store (an ioeventfd in
+kvmpy and in QEMU with KVM; a TCG vCPU calls QEMU's device directly), then it polls used.idx
+and checks every status byte. The sectors come from xorshift64 in the guest; the preadv loop
+reads the same blocks in the same order (computed here).
+
+The guest prints "t" before and after each repetition; this script timestamps each line as
+it arrives on the VMM's stdout (a pipe) and turns the time between two into req/s. Each round
+runs the preadv loop once and every VMM once (a fresh process each, two repetitions: the
+first is the warm-up and is dropped); the tables show medians over the rounds. Each run must
+report no failed request, and the data it read must match the file (the last batch's
+first block, and the XOR of the first 8 bytes of every block).
+
+Exit status 0 unless a run failed or read wrong data; the ratios are reported, not enforced.
+"""
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from bench_virtio_blk import BLOCK, DISK, make_disk, warm         # noqa: E402
+from conftest import pvh_kernel                                   # noqa: E402
+from virtio_driver import bench_blocks, bench_end, bench_expect   # noqa: E402
+
+OUT = os.path.join(ROOT, "benchmarks", "out", "virtio_blk")
+NBLOCKS = DISK // BLOCK
+MEM = "64M"
+
+
+def build_guest(qd: int, nbatch: int, reps: int) -> str:
+    d = os.path.join(OUT, f"guest-qd{qd}")
+    os.makedirs(d, exist_ok=True)
+    syms = {"QD": qd, "NBATCH": nbatch, "REPS": reps, "NBLOCKS": NBLOCKS}
+    return str(pvh_kernel("virtio_blk_bench", Path(d), defsyms=syms))
+
+
+def commands(names: list[str], kernel: str, disk: str, qemu: str) -> dict[str, tuple]:
+    """name -> (argv, extra environment)"""
+    kvmpy = [os.path.join(ROOT, ".venv", "bin", "kvmpy"), "boot", "--kernel", kernel,
+             "--append", "x", "--mem", MEM, "--transport", "mmio", "--disk", disk + ",ro"]
+    q = [qemu, "-M", "microvm", "-m", MEM, "-kernel", kernel, "-append", "x", "-nodefaults",
+         "-no-reboot", "-display", "none", "-serial", "stdio",
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+         "-global", "virtio-mmio.force-legacy=false", "-device", "virtio-blk-device,drive=d0"]
+    drive = f"id=d0,file={disk},format=raw,if=none,readonly=on"
+    all_ = {
+        "kvmpy": (kvmpy, {}),
+        "kvmpy-nopoll": (kvmpy, {"KVMPY_BLK_POLL_US": "0"}),
+        "kvmpy-python": (kvmpy, {"KVMPY_BLK_ENGINE": "python"}),
+        "qemu-tcg": (q + ["-accel", "tcg", "-drive", drive], {}),
+        "qemu-kvm": (q + ["-accel", "kvm", "-drive", drive], {}),
+        "qemu-kvm-iouring": (q + ["-accel", "kvm", "-drive", drive + ",aio=io_uring"], {}),
+    }
+    return {n: all_[n] for n in names}
+
+
+def run_vm(argv: list[str], env: dict, reps: int, timeout: float) -> tuple[list[float], str]:
+    """Runs one VM; returns the seconds between consecutive "t" lines and the "end" line."""
+    e = dict(os.environ, **env)
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=e)
+    marks, buf, end = [], b"", None
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([p.stdout], [], [], left)[0]:
+                raise RuntimeError(f"{argv[0]}: no output for {timeout} s")
+            chunk = os.read(p.stdout.fileno(), 4096)
+            now = time.perf_counter()
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line == b"t":
+                    marks.append(now)
+                elif line.startswith(b"end "):
+                    end = line.decode()
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        err = p.stderr.read().decode(errors="replace")
+        p.stdout.close()
+        p.stderr.close()
+    if end is None or len(marks) != reps + 1 or p.returncode != 0x21:
+        raise RuntimeError(f"{' '.join(argv)}: status {p.returncode}, {len(marks)} marks, "
+                           f"end {end!r}; stderr: {err.strip()[-500:]}")
+    return [b - a for a, b in zip(marks, marks[1:])], end
+
+
+def check_end(end: str, want: dict[str, int]) -> None:
+    """The guest's ``end`` line: no failed request, the expected last sector, the file's bytes
+    there, and the XOR of the first 8 bytes of every block read (virtio_driver.bench_expect)."""
+    got = bench_end(end)
+    if got != want:
+        raise RuntimeError(f"the guest said {end!r}, expected "
+                           + " ".join(f"{k}:{v:x}" for k, v in want.items()))
+
+
+def run_preadv(disk: str, blks: list[int]) -> float:
+    fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        bufs, preadv = [bytearray(BLOCK)], os.preadv
+        offs = [b * BLOCK for b in blks]
+        t0 = time.perf_counter()
+        for off in offs:
+            if preadv(fd, bufs, off) != BLOCK:
+                raise SystemExit("short preadv")
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=100_000, help="per timed repetition")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--depths", default="32,1")
+    ap.add_argument("--vmms", default="kvmpy,kvmpy-python,qemu-tcg,qemu-kvm",
+                    help="of kvmpy, kvmpy-nopoll, kvmpy-python, qemu-tcg, qemu-kvm, "
+                         "qemu-kvm-iouring")
+    ap.add_argument("--qemu", default=shutil.which("qemu-system-x86_64") or "")
+    ap.add_argument("--timeout", type=float, default=120)
+    a = ap.parse_args()
+    names = a.vmms.split(",")
+    if any(n.startswith("qemu") for n in names) and not a.qemu:
+        raise SystemExit("qemu-system-x86_64 not found (make -C benchmarks qemu), or drop the "
+                         "qemu entries from --vmms")
+    disk = os.path.join(OUT, "disk.img")
+    make_disk(disk)
+    warm(disk)
+    print(f"# {os.uname().nodename}: load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
+    bad = 0
+    for qd in (int(d) for d in a.depths.split(",")):
+        nbatch = max(1, a.requests // qd)
+        n = nbatch * qd
+        kernel = build_guest(qd, nbatch, 2)
+        blks = bench_blocks(2 * n, NBLOCKS)
+        timed = blks[n:]                          # the guest's second (timed) repetition
+        with open(disk, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            want = bench_expect(m, 2 * n, qd)
+        cmds = commands(names, kernel, disk, a.qemu)
+        rates: dict[str, list[float]] = {k: [] for k in ["preadv", *cmds]}
+        for r in range(a.rounds):
+            run_preadv(disk, blks[:n])            # the same warm-up the guest gets
+            rates["preadv"].append(n / run_preadv(disk, timed))
+            for name, (argv, env) in cmds.items():
+                try:
+                    secs, end = run_vm(argv, env, 2, a.timeout)
+                    check_end(end, want)
+                except RuntimeError as e:
+                    print(f"QD {qd} {name}: FAILED: {e}")
+                    bad += 1
+                    continue
+                rates[name].append(n / secs[1])
+        base = statistics.median(rates["preadv"])
+        print(f"\n## QD {qd}: {n} requests per run, median of {a.rounds} rounds "
+              f"(load {os.getloadavg()[0]:.2f})")
+        print("| driver: the guest, on | req/s | µs/req | / preadv loop | min-max / preadv |")
+        print("|---|---|---|---|---|")
+        for name, v in rates.items():
+            if not v:
+                print(f"| {name} | failed | | | |")
+                continue
+            m = statistics.median(v)
+            print(f"| {name} | {m:,.0f} | {1e6 / m:.2f} | **{m / base:.3f}** | "
+                  f"{min(v) / base:.3f}-{max(v) / base:.3f} |")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
