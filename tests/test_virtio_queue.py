@@ -89,6 +89,21 @@ def test_max_size_must_be_a_power_of_two(mem):
 
 # -- well-formed chains -------------------------------------------------------------------------
 
+def test_avail_moved_is_a_look_at_avail_idx(mem):
+    q = make_queue(mem, size=4)
+    desc(mem, 1, BUF, 8)
+    assert not q.avail_moved()
+    publish(mem, q, 1)
+    assert q.avail_moved()
+    assert q.pop().head == 1 and not q.avail_moved()
+    q.add_used(1, 0)
+    # across the 16-bit wrap: the device at 0xffff, the driver posts one (avail.idx 0)
+    q.last_avail = q._avail_seen = 0xFFFF
+    publish(mem, q, 1, start=0xFFFF)
+    assert mem.read_u16(AVAIL_ADDR + 2) == 0 and q.avail_moved()
+    assert q.pop().head == 1 and not q.avail_moved()
+
+
 def test_chain_readable_then_writable(mem):
     q = make_queue(mem)
     desc(mem, 0, BUF, 16, NEXT, 5)

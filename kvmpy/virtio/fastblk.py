@@ -107,6 +107,11 @@ class BlkFastPath:
         regions = memory.regions
         if not regions:
             return False
+        if queue.avail_moved():
+            # A driver that keeps the ring busy has usually posted again while the batch
+            # was being completed: no need to set up the C poll (~3 µs a request at QD 1).
+            self._poll_hit = True
+            return True
         vq = self._poll_vq
         with _pinned(regions):
             queue.export_state(vq)

@@ -313,6 +313,12 @@ class Queue:
         self._avail_seen = avail_idx
         return avail_idx
 
+    def avail_moved(self) -> bool:
+        """Whether avail.idx differs from the next entry the device would take: one 16-bit
+        load, no validation (:meth:`pop` validates), for a poller's first look. Call only
+        while ready."""
+        return self._avail16[self._i_avail_idx] != self.last_avail
+
     def pop(self) -> DescriptorChain | None:
         """The next request the driver made available, validated; None if there is none.
 
