@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from kvmpy.errors import KvmpyError
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio.blk import VirtioBlk
+from kvmpy.virtio.device import POLL_ROUNDS
 from kvmpy.virtio.fastblk import BlkFastPath
 from kvmpy.virtio.mmio import VirtioMmio
 from kvmpy.vmexit.bus import MmioBus
@@ -258,7 +259,7 @@ def test_unmapped_guest_memory_is_contained(image):
 
 def test_polling_catches_a_request_made_after_the_interrupt(image):
     """The I/O thread's notify (poll=True) watches the ring after signalling the completions: a
-    request the driver makes then is seen at once (notify returns True: call again)."""
+    request the driver makes then is served in the same call, without a notify."""
     with GuestMemory(LAYOUT) as mem:
         r = Rig(mem, image, "c", poll_us=1000)
         first = r.vq.submit(out=[HDR.pack(T_IN, 0, 0)], in_=[512, 1])
@@ -268,11 +269,82 @@ def test_polling_catches_a_request_made_after_the_interrupt(image):
             if not later:
                 later.append(r.vq.submit(out=[HDR.pack(T_IN, 0, 1)], in_=[512, 1]))
         r.dev.interrupt = interrupt
-        assert r.dev.notify(0, poll=True) is True        # more is waiting: call again
-        assert first.written()[-1] == S_OK and later[0].written()[-1] == 0xAA
-        assert r.dev.notify(0, poll=True) is False       # served; nothing came in 1 ms
+        assert r.dev.notify(0, poll=True) is False       # both served; then 1 ms of nothing
+        assert first.written()[-1] == S_OK
         assert later[0].written() == image_bytes()[512:1024] + b"\0"
+        assert r.vq.used_idx() == 2
+        third = r.vq.submit(out=[HDR.pack(T_IN, 0, 2)], in_=[512, 1])
+        r.dev.interrupt = lambda bits: r.vq.submit(out=[HDR.pack(T_IN, 0, 3)], in_=[512, 1])
         assert r.dev.notify(0) is False                  # a vCPU thread's notify never polls
+        assert third.written()[-1] == S_OK and r.vq.used_idx() == 3   # the 4th is waiting
+        r.close()
+
+
+def test_polling_gives_the_io_thread_back_after_poll_rounds(image):
+    """A driver that always has the next request ready keeps notify() serving for at most
+    POLL_ROUNDS polls; then it returns True (the I/O thread calls again after its other fds)."""
+    with GuestMemory(LAYOUT) as mem:
+        r = Rig(mem, image, "c", poll_us=1000)
+        posted = [r.vq.submit(out=[HDR.pack(T_IN, 0, 0)], in_=[512, 1])]
+
+        def interrupt(bits):
+            r.vq.get_used()                              # take completions, post again
+            posted.append(r.vq.submit(out=[HDR.pack(T_IN, 0, len(posted) % 4)], in_=[512, 1]))
+        r.dev.interrupt = interrupt
+        assert r.dev.notify(0, poll=True) is True
+        assert r.vq.used_idx() == POLL_ROUNDS and len(posted) == POLL_ROUNDS + 1
+        r.close()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_notifications_are_off_while_polling_and_back_on_after(image, event_idx, monkeypatch):
+    """While the I/O thread polls, the driver is told it need not notify (used.flags
+    NO_NOTIFY, or with EVENT_IDX an avail_event it has passed); before the thread sleeps they
+    are on again, and a request posted in between is not lost."""
+    with GuestMemory(LAYOUT) as mem:
+        r = Rig(mem, image, "c", want=F_VERSION_1 | (F_EVENT_IDX if event_idx else 0),
+                poll_us=200)
+        vq, seen = r.vq, []
+
+        def wants_notify():
+            if event_idx:   # Linux's vring_need_event(avail_event, new, old), one more
+                new, old = (vq.avail_idx + 1) & 0xFFFF, vq.avail_idx
+                return ((new - vq.avail_event() - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+            return not mem.read_u16(vq.used) & 1
+
+        def interrupt(bits):   # what the driver would be told while the device polls
+            seen.append(wants_notify())
+        r.dev.interrupt = interrupt
+        real_poll = BlkFastPath.poll
+
+        def poll(self, *a):    # ... and during the poll itself
+            seen.append(wants_notify())
+            return real_poll(self, *a)
+        monkeypatch.setattr(BlkFastPath, "poll", poll)
+        vq.submit(out=[HDR.pack(T_IN, 0, 0)], in_=[512, 1])
+        assert r.dev.notify(0, poll=True) is False
+        assert seen == [True, False]     # on at the interrupt, off during the poll
+        assert wants_notify()            # on again: the thread went to sleep
+        r.close()
+
+
+def test_a_request_posted_as_polling_ends_is_still_served(image, monkeypatch):
+    """The request comes after the poll gave up but before notifications were on again: the
+    driver did not notify, so the device's last look (enable_notify) must find it."""
+    with GuestMemory(LAYOUT) as mem:
+        r = Rig(mem, image, "c", poll_us=50)
+        real_poll = BlkFastPath.poll
+        late = []
+
+        def poll(self, memory, queue):
+            got = real_poll(self, memory, queue)
+            if not late:                                  # gave up; the guest posts now
+                late.append(r.vq.submit(out=[HDR.pack(T_IN, 0, 1)], in_=[512, 1]))
+            return got
+        monkeypatch.setattr(BlkFastPath, "poll", poll)
+        r.vq.submit(out=[HDR.pack(T_IN, 0, 0)], in_=[512, 1])
+        assert r.dev.notify(0, poll=True) is False
+        assert late[0].written()[-1] == S_OK and r.vq.used_idx() == 2
         r.close()
 
 

@@ -89,6 +89,16 @@ def test_max_size_must_be_a_power_of_two(mem):
 
 # -- well-formed chains -------------------------------------------------------------------------
 
+def test_activation_asks_for_notifications(mem):
+    """used.flags NO_NOTIFY left by a device that polled before a reset is cleared."""
+    mem.write_u16(USED_ADDR, 1)
+    q = make_queue(mem)
+    assert mem.read_u16(USED_ADDR) == 0
+    q.disable_notify()
+    assert mem.read_u16(USED_ADDR) == 1
+    assert q.enable_notify() is False and mem.read_u16(USED_ADDR) == 0
+
+
 def test_avail_moved_is_a_look_at_avail_idx(mem):
     q = make_queue(mem, size=4)
     desc(mem, 1, BUF, 8)

@@ -217,7 +217,21 @@ class VirtioBlk(VirtioDevice):
 
     def poll_queue(self, queue: Queue) -> bool:
         fast = self.fast
-        return fast is not None and self.fd >= 0 and fast.poll(self.memory, queue)
+        if fast is None or self.fd < 0:
+            return False
+        if not fast.poll_ns:
+            return fast.poll(self.memory, queue)     # (records when the thread went to sleep)
+        # While the I/O thread watches the ring the driver need not notify (QEMU's IOThread
+        # does the same): a guest then posts without an exit. Notifications come back on,
+        # with a last look at the ring, before the thread sleeps.
+        with self.lock:
+            if not queue.ready:
+                return False
+            queue.disable_notify()
+        if fast.poll(self.memory, queue):
+            return True                                # still busy: leave them off
+        with self.lock:
+            return queue.ready and queue.enable_notify()
 
     def handle_request(self, queue: Queue, chain: DescriptorChain) -> int:
         if chain.write_len == 0:

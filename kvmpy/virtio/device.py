@@ -84,6 +84,9 @@ _NEEDS_RESET, _FAILED = int(Status.DEVICE_NEEDS_RESET), int(Status.FAILED)
 # The driver-settable status bits in the order 3.1.1 sets them: each needs the one before it.
 _ORDER = (int(Status.ACKNOWLEDGE), int(Status.DRIVER), _FEATURES_OK, _DRIVER_OK)
 _DRIVER_BITS = sum(_ORDER) | _FAILED
+# notify(poll=True): batches run back to back while polls find more, before the I/O thread's
+# loop gets control back (each round is at most a batch and one poll window).
+POLL_ROUNDS = 64
 
 
 class VirtioDevice:
@@ -229,40 +232,49 @@ class VirtioDevice:
     def notify(self, index: int, poll: bool = False) -> bool:
         """The driver notified queue ``index``. Processes a bounded batch of its requests and
         returns True if more may be waiting (the caller should call again later). ``poll``:
-        the caller is an I/O thread that may be kept a little longer (:meth:`poll_queue`)."""
-        with self.lock:
-            if not self.live or not 0 <= index < len(self.queues):
-                return False
-            q = self.queues[index]
-            if not q.ready:
-                return False
-            more = False
+        the caller is an I/O thread that may be kept a little longer: after each batch
+        :meth:`poll_queue` may watch the ring, and what it finds is run here at once."""
+        for _ in range(POLL_ROUNDS if poll else 1):
+            with self.lock:
+                if not self.live or not 0 <= index < len(self.queues):
+                    return False
+                q = self.queues[index]
+                if not q.ready:
+                    return False
+                more = False
+                try:
+                    more = bool(self.process_queue(q))
+                except QueueError as e:
+                    self.needs_reset(f"queue {index}: {e}", "ring")
+                except Exception as e:   # the device boundary (hostile-inputs 13)
+                    self.needs_reset(f"queue {index}: {type(e).__name__}: {e}", "handler")
+                try:
+                    if q.needs_interrupt():
+                        self._signal(Interrupt.USED_BUFFER)
+                except Exception as e:   # e.g. an interrupt callable that failed
+                    self.needs_reset(f"queue {index}: interrupt: {type(e).__name__}: {e}",
+                                     "handler")
+                if more or not poll or not self.live:
+                    return more and self.live
+            # Polling happens without the lock: vCPU threads touching the device's registers
+            # meanwhile are not held up by the busy-wait.
             try:
-                more = bool(self.process_queue(q))
-            except QueueError as e:
-                self.needs_reset(f"queue {index}: {e}", "ring")
-            except Exception as e:   # the device boundary (hostile-inputs 13)
-                self.needs_reset(f"queue {index}: {type(e).__name__}: {e}", "handler")
-            try:
-                if q.needs_interrupt():
-                    self._signal(Interrupt.USED_BUFFER)
-            except Exception as e:   # e.g. an interrupt callable that failed
-                self.needs_reset(f"queue {index}: interrupt: {type(e).__name__}: {e}", "handler")
-            if more or not poll or not self.live:
-                return more and self.live
-        # Polling happens without the lock: vCPU threads touching the device's registers
-        # meanwhile are not held up by the busy-wait.
-        try:
-            more = self.poll_queue(q)
-        except Exception as e:
-            self.needs_reset(f"queue {index}: poll: {type(e).__name__}: {e}", "handler")
-        return more and self.live
+                more = self.poll_queue(q)
+            except Exception as e:
+                self.needs_reset(f"queue {index}: poll: {type(e).__name__}: {e}", "handler")
+            if not more or not self.live:
+                return False
+            # The driver made more available: run it here rather than through the I/O
+            # thread's loop (an epoll call and an eventfd read that finds nothing, since the
+            # driver need not notify while we poll), up to POLL_ROUNDS times, after which the
+            # thread's other fds (and its stop request) get their turn.
+        return True
 
     def poll_queue(self, queue: Queue) -> bool:
         """Called when ``queue`` ran empty and its completions were signalled, without the
         device lock (so it may only read the ring, and must cope with a concurrent reset): a
         device may watch the ring a little longer and return True if the driver made more
-        available (the I/O thread then calls notify again at once). Default: no polling."""
+        available (notify then runs it at once). Default: no polling."""
         return False
 
     @contextlib.contextmanager

@@ -73,6 +73,7 @@ class DescFlag(enum.IntFlag):
 
 
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1  # avail.flags: the driver does not want used-buffer interrupts
+VIRTQ_USED_F_NO_NOTIFY = 1      # used.flags: the device does not want notifications (2.7.10)
 
 
 # Plain ints for the per-descriptor tests: IntFlag's __and__ costs an enum construction each time.
@@ -295,7 +296,11 @@ class Queue:
         a, u = self._avail_off // 2, self._used_off // 2        # both parts are 2-aligned
         self._i_avail_flags, self._i_avail_idx, self._i_avail_ring = a, a + 1, a + 2
         self._i_used_event = a + 2 + size                       # avail->ring[size]
-        self._i_used_idx, self._i_avail_event = u + 1, u + 2 + 4 * size   # used->ring[size]
+        self._i_used_flags, self._i_used_idx = u, u + 1
+        self._i_avail_event = u + 2 + 4 * size                  # used->ring[size]
+        # Notifications wanted (2.7.10.1: flags is 0 or 1), whatever a poll before a reset
+        # left in this memory (disable_notify).
+        self._used16[self._i_used_flags] = 0
         self.event_idx = bool(event_idx)
         self.indirect = bool(indirect)
         self._clear_ring_state()
@@ -318,6 +323,29 @@ class Queue:
         load, no validation (:meth:`pop` validates), for a poller's first look. Call only
         while ready."""
         return self._avail16[self._i_avail_idx] != self.last_avail
+
+    def disable_notify(self) -> None:
+        """Ask the driver not to notify (a hint it may ignore), while the device polls the
+        ring: used.flags = NO_NOTIFY (2.7.10), or with VIRTIO_F_EVENT_IDX an avail_event the
+        driver has already passed (2.7.10: it notifies when avail.idx passes avail_event).
+        Saves the guest an exit per request. Call with the device lock held, while ready."""
+        if self.event_idx:
+            self._used16[self._i_avail_event] = (self.last_avail - 1) & 0xFFFF
+        else:
+            self._used16[self._i_used_flags] = VIRTQ_USED_F_NO_NOTIFY
+
+    def enable_notify(self) -> bool:
+        """Undo :meth:`disable_notify` before the device stops polling, and look again: True
+        if a request was made available meanwhile (the driver may not have notified it).
+        Call with the device lock held, while ready."""
+        if self.event_idx:
+            self._used16[self._i_avail_event] = self.last_avail
+        else:
+            self._used16[self._i_used_flags] = 0
+        # The driver stores avail.idx and then loads the flags; we stored the flags and now
+        # load avail.idx: without the barrier both could miss the other's store.
+        full_barrier()
+        return self.avail_moved()
 
     def pop(self) -> DescriptorChain | None:
         """The next request the driver made available, validated; None if there is none.
