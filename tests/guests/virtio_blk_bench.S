@@ -4,6 +4,8 @@
  * Assembled after tests/guests/lib16.inc with these symbols (as --defsym):
  *   QD      requests per batch (1..64): QD chains posted, one notify, wait for all of them
  *   NBATCH  batches per repetition        REPS  repetitions     NBLOCKS  disk size / 4096
+ *   IRQ     0 (default): poll used.idx at CPL3; 1: sleep (hlt at CPL0) until the used-buffer
+ *           interrupt, as Linux's virtio-blk does without poll queues
  *
  * Why this shape: on this workplace's software-KVM host (PVM) CPL0 code is emulated at ~1 M
  * instructions/s, but 64-bit CPL3 code runs natively (../shared/pvm-host.md). So the driver
@@ -13,16 +15,29 @@
  * output by executing ud2 with a command in %eax: the #UD handler prints and returns.
  *
  * Output on COM1 (the host timestamps each '\n'):
+ *   "virtio-blk at B irq G\n"   the transport's address and interrupt (GSI) it found
  *   "t\n"                 before each repetition and after the last one
  *   "end err:E sector:S data:D sum:X\n"   E requests whose status byte was not 0
  *                         (VIRTIO_BLK_S_OK), S the sector and D the first 8 bytes read by the
  *                         last batch's first request, X the XOR of the first 8 bytes of every
  *                         buffer read, as a little-endian number (the host checks all three
  *                         against the file)
- * then isa-debug-exit 0x10 (process status 0x21). Completions are polled (used.idx), with
- * VIRTQ_AVAIL_F_NO_INTERRUPT set and interrupts off, as a Linux poll queue (io_uring IOPOLL).
- * The notify is skipped while the device sets VIRTQ_USED_F_NO_NOTIFY (virtio 1.2 2.7.7.2).
+ *   "irqs:N\n"            (IRQ=1) used-buffer interrupts taken
+ * then isa-debug-exit 0x10 (process status 0x21).
+ * IRQ=0: completions are polled (used.idx), with VIRTQ_AVAIL_F_NO_INTERRUPT set and interrupts
+ * off, as a Linux poll queue (io_uring IOPOLL). IRQ=1: after the notify the driver asks CPL0
+ * to wait (ud2, %eax = 3), which sleeps (sti; hlt) until an interrupt, and again until used.idx
+ * shows the batch: every batch waits for at least one interrupt, as in Linux; the interrupt
+ * handler reads InterruptStatus, writes it to InterruptACK and EOIs the local APIC, as Linux's
+ * vm_interrupt does. The IOAPIC routes the transport's GSI (kvmpy: slot k at 0xd0000000 +
+ * k * 0x1000 has GSI 5 + k; QEMU microvm: transport i at 0xfeb00000 + i * 0x200 has GSI 5 + i,
+ * or 24 + i, on a second IOAPIC at 0xfec10000, when it has 24 transports) to vector 0x30.
+ * Either way the notify is skipped while the device sets VIRTQ_USED_F_NO_NOTIFY (virtio 1.2
+ * 2.7.10), as Linux does without VIRTIO_F_EVENT_IDX.
  */
+        .ifndef IRQ
+        .set IRQ, 0
+        .endif
         .section .note.Xen, "a"
         .balign 4
         .long 4, 4, 18                  /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
@@ -41,6 +56,9 @@
         .set STATUS, 0x205000           /* QD status bytes */
         .set DATA, 0x400000             /* QD 4 KiB buffers */
         .set SEED, 0x9e3779b97f4a7c15
+        .set VECTOR, 0x30               /* the used-buffer interrupt's IDT vector */
+        .set LAPIC, 0xfee00000
+        .set IOAPIC, 0xfec00000         /* GSIs 0-23; QEMU microvm's second one at +0x10000 */
 
         .text
         .code32
@@ -97,12 +115,15 @@ lm64:   mov $0x10, %ax
         movw $104, TSS + 102
         mov $0x30, %ax
         ltr %ax
-        /* IDT: vectors 0-31, 64-bit interrupt gates; #UD (6) is the CPL3 "system call" */
+        /* IDT: vectors 0-63, 64-bit interrupt gates; #UD (6) is the CPL3 "system call" */
         xor %ecx, %ecx
 3:      lea stubs(,%rcx,8), %rax        /* each stub is 8 bytes */
         cmp $6, %ecx
         jne 4f
         lea ud_handler, %rax
+4:      cmp $VECTOR, %ecx
+        jne 4f
+        lea irq_handler, %rax
 4:      mov %ecx, %edx
         shl $4, %edx
         movw %ax, idt(%rdx)
@@ -113,23 +134,60 @@ lm64:   mov $0x10, %ax
         movl $0, idt + 8(%rdx)
         movl $0, idt + 12(%rdx)
         inc %ecx
-        cmp $32, %ecx
+        cmp $64, %ecx
         jb 3b
         lidt idtr
 
-        /* find the block device: kvmpy's virtio-mmio slot 0, else QEMU microvm's transports */
+        /* find the block device: kvmpy's virtio-mmio slots, else QEMU microvm's transports;
+         * %r8d = its GSI (see the top) */
         mov $0xd0000000, %ebx
-        call probe
-        je found
-        mov $0xfeb00000, %ebx
+        mov $5, %r8d
 5:      call probe
         je found
+        add $0x1000, %ebx
+        inc %r8d
+        cmp $0xd0008000, %ebx
+        jb 5b
+        mov $0xfeb00000, %ebx
+        mov $5, %r8d
+5:      call probe
+        je 6f
         add $0x200, %ebx
-        cmp $0xfeb00000 + 32 * 0x200, %ebx
+        inc %r8d
+        cmp $0xfeb00000 + 24 * 0x200, %ebx
         jb 5b
         PUTS "virtio-blk not found\n"
         EXIT 1
+6:      cmp $0xfeb00000 + 8 * 0x200, %ebx
+        jb found
+        add $(24 - 5), %r8d             /* beyond 8 transports: the second IOAPIC's GSIs */
 found:  mov %rbx, %rbp
+        mov %rbx, devbase
+        PUTS "virtio-blk at "
+        mov %ebp, %edi
+        PUTHEX32_EDI
+        PUTS " irq "
+        mov %r8d, %edi
+        PUTHEX32_EDI
+        NEWLINE
+        .if IRQ
+        mov $0xff, %al                  /* mask the 8259s: only the IOAPIC delivers */
+        out %al, $0x21
+        out %al, $0xa1
+        mov $LAPIC, %eax                /* (above 2 GiB: no absolute 32-bit address) */
+        movl $0x1ff, 0xf0(%rax)         /* SVR: APIC software enable, spurious vector 0xff */
+        mov $IOAPIC, %ebx
+        cmp $24, %r8d
+        jb 7f
+        add $0x10000, %ebx
+        sub $24, %r8d
+7:      lea 0x10(%r8,%r8), %eax         /* IOREDTBL low dword of pin %r8d */
+        movl %eax, (%rbx)               /* IOREGSEL */
+        movl $VECTOR, 0x10(%rbx)        /* IOWIN: fixed, physical, edge, high, unmasked */
+        inc %eax
+        movl %eax, (%rbx)
+        movl $0, 0x10(%rbx)             /* destination: APIC id 0 */
+        .endif
         movl $0, 0x070(%rbp)            /* Status: reset (4.2.3.1.1) */
         movl $1, 0x070(%rbp)            /* ACKNOWLEDGE */
         movl $3, 0x070(%rbp)            /* | DRIVER */
@@ -150,7 +208,7 @@ found:  mov %rbx, %rbp
         movl $0, 0x094(%rbp)
         movl $USED, 0x0a0(%rbp)
         movl $0, 0x0a4(%rbp)
-        movw $1, AVAIL                  /* VIRTQ_AVAIL_F_NO_INTERRUPT: completions are polled */
+        movw $(1 - IRQ), AVAIL          /* VIRTQ_AVAIL_F_NO_INTERRUPT when completions are polled */
         movl $1, 0x044(%rbp)            /* QueueReady */
         movl $0xf, 0x070(%rbp)          /* | DRIVER_OK */
         lea 0x050(%rbp), %rax           /* QueueNotify */
@@ -252,10 +310,15 @@ fill:   mov %r15, %rax                  /* xorshift64 (13, 7, 17) */
         testw $1, USED                  /* VIRTQ_USED_F_NO_NOTIFY */
         jnz 8f
         movl $0, (%r11)                 /* QueueNotify: queue 0 */
+        .if IRQ
+8:      mov $3, %eax
+        ud2                             /* sleep until used.idx is %r14w */
+        .else
 8:      cmpw %r14w, USED + 2            /* used.idx */
         je 9f
         pause
         jmp 8b
+        .endif
 9:      xor %ecx, %ecx
 10:     cmpb $0, STATUS(%rcx)
         je 11f
@@ -275,7 +338,8 @@ fill:   mov %r15, %rax                  /* xorshift64 (13, 7, 17) */
         mov $2, %eax
         ud2                             /* report and exit */
 
-/* #UD from CPL3: %eax = 1 prints "t\n", 2 prints the report and exits; others are faults */
+/* #UD from CPL3: %eax = 1 prints "t\n", 2 prints the report and exits, 3 waits for used.idx
+ * to reach %r14w; others are faults */
 ud_handler:
         testb $3, 8(%rsp)               /* CS of the frame: from CPL3? */
         jz fault6
@@ -289,8 +353,22 @@ ud_handler:
         jne 12f
         PUTS "t\n"
         jmp 13f
-12:     cmp $2, %eax
+12:     cmp $3, %eax
+        jne 14f
+15:     sti                             /* hlt runs before an interrupt can (sti's shadow) */
+        hlt                             /* as Linux, wait for the interrupt before looking */
+        cli
+        cmpw %r14w, USED + 2
+        jne 15b                         /* (a stale interrupt from the batch before) */
+        jmp 13f
+14:     cmp $2, %eax
         jne fault6
+        .if IRQ
+        PUTS "irqs:"
+        mov irqs, %edi
+        PUTHEX32_EDI
+        NEWLINE
+        .endif
         PUTS "end err:"
         mov %r10d, %edi
         PUTHEX32_EDI
@@ -323,9 +401,23 @@ ud_handler:
 fault6: push $6
         jmp fault
 
+/* the used-buffer interrupt: acknowledge it at the transport and at the local APIC */
+irq_handler:
+        push %rax
+        push %rbx
+        mov devbase, %rbx
+        mov 0x060(%rbx), %eax           /* InterruptStatus */
+        mov %eax, 0x064(%rbx)           /* InterruptACK */
+        mov $LAPIC, %ebx
+        movl $0, 0xb0(%rbx)             /* EOI */
+        incl irqs
+        pop %rbx
+        pop %rax
+        iretq
+
         .balign 8
 stubs:                                  /* vector n: push n, jump to fault (8 bytes each) */
-        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63
         .balign 8
         push $\n
         jmp fault
@@ -359,8 +451,10 @@ gdt_end:
         .balign 8
 gdtr:   .word gdt_end - gdt - 1
         .quad gdt
-idtr:   .word 32 * 16 - 1
+idtr:   .word 64 * 16 - 1
         .quad idt
 notify: .quad 0
+devbase: .quad 0
+irqs:   .long 0
         .balign 16
-idt:    .fill 32 * 16, 1, 0
+idt:    .fill 64 * 16, 1, 0
