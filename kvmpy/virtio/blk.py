@@ -79,6 +79,9 @@ class BlkFeature(enum.IntFlag):
     WRITE_ZEROES = 1 << 14
 
 
+_F_FLUSH = int(BlkFeature.FLUSH)
+
+
 class RequestType(enum.IntEnum):
     """virtio_blk_req.type (5.2.6)."""
 
@@ -195,7 +198,7 @@ class VirtioBlk(VirtioDevice):
         if fast is None or self.fd < 0:
             return super().process_queue(queue)
         budget = queue.size
-        sync_writes = not self.has_feature(BlkFeature.FLUSH)
+        sync_writes = not self.driver_features & _F_FLUSH   # (an IntFlag "&" costs ~1 µs)
         try:
             while True:
                 done, why = fast.run(self.memory, queue, budget, sync_writes, self.stats)

@@ -27,7 +27,6 @@ compare or to debug with Python tools.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -50,17 +49,23 @@ def choose_engine(engine: str | None) -> str:
     return engine
 
 
-@contextlib.contextmanager
-def _pinned(regions):
-    """Every region's mmap exported for the duration (ValueError if one is already unmapped):
-    ``mmap.close()`` refuses meanwhile, so C code may use the regions' host addresses."""
+def _pin(regions) -> list:
+    """Every region's mmap exported (ValueError if one is already unmapped): ``mmap.close()``
+    refuses until :func:`_unpin`, so C code may use the regions' host addresses meanwhile.
+    (Two plain functions, not a context manager: this runs a few times per request.)"""
     pins = []
     try:
-        pins += [ffi.from_buffer(r.mapping) for r in regions]
-        yield
-    finally:
-        for p in pins:
-            ffi.release(p)
+        for r in regions:
+            pins.append(ffi.from_buffer(r.mapping))
+    except BaseException:
+        _unpin(pins)
+        raise
+    return pins
+
+
+def _unpin(pins: list) -> None:
+    for p in pins:
+        ffi.release(p)
 
 
 class BlkFastPath:
@@ -113,9 +118,12 @@ class BlkFastPath:
             self._poll_hit = True
             return True
         vq = self._poll_vq
-        with _pinned(regions):
+        pins = _pin(regions)
+        try:
             queue.export_state(vq)
             got = bool(lib.kvmpy_vq_poll(vq, ns))
+        finally:
+            _unpin(pins)
         if got:
             self._poll_hit = True
         else:
@@ -142,12 +150,16 @@ class BlkFastPath:
                                     [(r.gpa, r.size, r.host_address) for r in regions])
             self._regions_of = regions
         vq, b = self._vq, self._blk
-        with _pinned(regions), ffi.from_buffer(queue._in_flight) as in_flight:
-            queue.export_state(vq)
-            vq.in_flight = in_flight
-            b.sync_writes = sync_writes
-            done = lib.kvmpy_blk_run(vq, self._regions, len(regions), b, budget, self._why)
-            vq.in_flight = ffi.NULL
+        pins = _pin(regions)
+        try:
+            with ffi.from_buffer(queue._in_flight) as in_flight:
+                queue.export_state(vq)
+                vq.in_flight = in_flight
+                b.sync_writes = sync_writes
+                done = lib.kvmpy_blk_run(vq, self._regions, len(regions), b, budget, self._why)
+                vq.in_flight = ffi.NULL
+        finally:
+            _unpin(pins)
         queue.import_state(vq, done)
         if self._poll_hit:
             self._poll_hit = False
