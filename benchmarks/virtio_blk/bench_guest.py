@@ -43,9 +43,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from bench_virtio_blk import BLOCK, DISK, make_disk, warm         # noqa: E402
-from conftest import pvh_kernel                                   # noqa: E402
-from virtio_driver import bench_blocks, bench_end, bench_expect   # noqa: E402
+from bench_virtio_blk import BLOCK, DISK, make_disk, run_preadv, warm   # noqa: E402
+from conftest import pvh_kernel                                               # noqa: E402
+from virtio_driver import bench_blocks, bench_end, bench_expect               # noqa: E402
 
 OUT = os.path.join(ROOT, "benchmarks", "out", "virtio_blk")
 NBLOCKS = DISK // BLOCK
@@ -129,20 +129,6 @@ def check_end(end: str, want: dict[str, int]) -> None:
                            + " ".join(f"{k}:{v:x}" for k, v in want.items()))
 
 
-def run_preadv(disk: str, blks: list[int]) -> float:
-    fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        bufs, preadv = [bytearray(BLOCK)], os.preadv
-        offs = [b * BLOCK for b in blks]
-        t0 = time.perf_counter()
-        for off in offs:
-            if preadv(fd, bufs, off) != BLOCK:
-                raise SystemExit("short preadv")
-        return time.perf_counter() - t0
-    finally:
-        os.close(fd)
-
-
 def run_config(a, names: list[str], disk: str, mode: str, qd: int) -> int:
     """One table: the preadv loop and every VMM, ``a.rounds`` rounds. Returns failed runs."""
     if mode not in ("poll", "irq"):
@@ -150,8 +136,8 @@ def run_config(a, names: list[str], disk: str, mode: str, qd: int) -> int:
     nbatch = max(1, a.requests // qd)
     n = nbatch * qd
     kernel = build_guest(qd, nbatch, 2, mode == "irq")
-    blks = bench_blocks(2 * n, NBLOCKS)
-    timed = blks[n:]                          # the guest's second (timed) repetition
+    offs = [b * BLOCK for b in bench_blocks(2 * n, NBLOCKS)]
+    warmup, timed = offs[:n], offs[n:]        # the guest's two repetitions
     with open(disk, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         want = bench_expect(m, 2 * n, qd)
     cmds = commands(names, kernel, disk, a.qemu)
@@ -159,7 +145,7 @@ def run_config(a, names: list[str], disk: str, mode: str, qd: int) -> int:
     irqs: dict[str, list[int]] = {k: [] for k in cmds}
     bad = 0
     for _ in range(a.rounds):
-        run_preadv(disk, blks[:n])            # the same warm-up the guest gets
+        run_preadv(disk, warmup)              # the same warm-up the guest gets
         rates["preadv"].append(n / run_preadv(disk, timed))
         for name, (argv, env) in cmds.items():
             try:
