@@ -328,11 +328,13 @@ def test_notifications_are_off_while_polling_and_back_on_after(image, event_idx,
         r.close()
 
 
-def test_a_request_posted_as_polling_ends_is_still_served(image, monkeypatch):
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_a_request_posted_as_polling_ends_is_still_served(image, monkeypatch, event_idx):
     """The request comes after the poll gave up but before notifications were on again: the
     driver did not notify, so the device's last look (enable_notify) must find it."""
     with GuestMemory(LAYOUT) as mem:
-        r = Rig(mem, image, "c", poll_us=50)
+        r = Rig(mem, image, "c", want=F_VERSION_1 | (F_EVENT_IDX if event_idx else 0),
+                poll_us=50)
         real_poll = BlkFastPath.poll
         late = []
 
@@ -549,3 +551,37 @@ def test_both_engines_leave_the_same_bytes(tmp_path_factory, spec):
     # what the examples covered (--hypothesis-show-statistics)
     event(f"C engine completed {'0' if not c_done[0] else '1-3' if c_done[0] < 4 else '4+'}")
     event("device needs reset" if py["status"] & NEEDS_RESET else "device fine")
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_notifications_come_back_when_the_window_shrinks_to_nothing(image, event_idx,
+                                                                     monkeypatch):
+    """A poll sees avail.idx move (and move back: only a driver breaking 2.7.13.3.1 does
+    that), so notifications stay off; run() finds nothing and shrinks the window to 0. The
+    thread must not go to sleep with them still off (found by a review helper)."""
+    with GuestMemory(LAYOUT) as mem:
+        r = Rig(mem, image, "c", want=F_VERSION_1 | (F_EVENT_IDX if event_idx else 0),
+                poll_us=3)                                # 3000 ns: one shrink turns it off
+        vq, real_poll, calls = r.vq, BlkFastPath.poll, []
+
+        def poll(self, memory, queue):
+            calls.append(1)
+            if len(calls) > 1:
+                return real_poll(self, memory, queue)
+            idx = mem.read_u16(vq.avail + 2)
+            mem.write_u16(vq.avail + 2, (idx + 1) & 0xFFFF)
+            got = real_poll(self, memory, queue)
+            mem.write_u16(vq.avail + 2, idx)
+            return got
+        monkeypatch.setattr(BlkFastPath, "poll", poll)
+        vq.submit(out=[HDR.pack(T_IN, 0, 0)], in_=[512, 1])
+        assert r.dev.notify(0, poll=True) is False
+        assert r.dev.fast.poll_ns == 0 and len(calls) >= 2
+        if event_idx:
+            assert vq.avail_event() == r.dev.queues[0].last_avail
+        else:
+            assert mem.read_u16(vq.used) & 1 == 0       # NO_NOTIFY cleared
+        later = vq.submit(out=[HDR.pack(T_IN, 0, 1)], in_=[512, 1])
+        r.dev.notify(0, poll=True)                         # the driver's notify
+        assert later.written()[-1] == S_OK
+        r.close()

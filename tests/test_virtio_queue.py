@@ -90,10 +90,13 @@ def test_max_size_must_be_a_power_of_two(mem):
 # -- well-formed chains -------------------------------------------------------------------------
 
 def test_activation_asks_for_notifications(mem):
-    """used.flags NO_NOTIFY left by a device that polled before a reset is cleared."""
+    """used.flags NO_NOTIFY and a stale avail_event, left by a device that polled before a
+    reset, are cleared."""
+    avail_event = USED_ADDR + 4 + 8 * SIZE
     mem.write_u16(USED_ADDR, 1)
+    mem.write_u16(avail_event, 0x1234)
     q = make_queue(mem)
-    assert mem.read_u16(USED_ADDR) == 0
+    assert mem.read_u16(USED_ADDR) == 0 and mem.read_u16(avail_event) == 0
     q.disable_notify()
     assert mem.read_u16(USED_ADDR) == 1
     assert q.enable_notify() is False and mem.read_u16(USED_ADDR) == 0

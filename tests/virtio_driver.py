@@ -322,7 +322,7 @@ def bench_blocks(n: int, nblocks: int) -> list[int]:
 def bench_end(line: str) -> dict[str, int]:
     """Its last line, ``end err:E sector:S data:D sum:X``, as a dict of those four numbers
     (hexadecimal; ``data`` is the first 8 bytes of the last batch's first buffer in order,
-    ``sum`` the XOR of every buffer's first 8 bytes read as little-endian numbers)."""
+    ``sum`` a hash of the first 8 bytes of every sector read: see :func:`bench_expect`)."""
     words = line.split()
     if words[:1] != ["end"]:
         raise ValueError(f"not the guest's end line: {line!r}")
@@ -331,10 +331,14 @@ def bench_end(line: str) -> dict[str, int]:
 
 def bench_expect(disk: bytes, n: int, qd: int) -> dict[str, int]:
     """What that guest's end line must say after ``n`` requests in batches of ``qd`` from the
-    image ``disk`` (a multiple of 4 KiB): no error, the last batch's first request, the XOR."""
+    image ``disk`` (a multiple of 4 KiB): no error, the last batch's first request, and the
+    hash of every 512-byte sector read, in request order: x = rol64(x, 5) ^ its first 8 bytes
+    as a little-endian number (order-sensitive, so a buffer swapped or a sector not read
+    shows)."""
     blocks = bench_blocks(n, len(disk) // 4096)
-    last, x = blocks[n - qd], 0
+    last, x, m = blocks[n - qd], 0, (1 << 64) - 1
     for b in blocks:
-        x ^= int.from_bytes(disk[b * 4096:b * 4096 + 8], "little")
+        for s in range(b * 4096, b * 4096 + 4096, 512):
+            x = (((x << 5) | (x >> 59)) & m) ^ int.from_bytes(disk[s:s + 8], "little")
     return {"err": 0, "sector": (last * 8) & 0xFFFFFFFF,
             "data": int.from_bytes(disk[last * 4096:last * 4096 + 8], "big"), "sum": x}

@@ -222,19 +222,28 @@ class VirtioBlk(VirtioDevice):
         fast = self.fast
         if fast is None or self.fd < 0:
             return False
-        if not fast.poll_ns:
-            return fast.poll(self.memory, queue)     # (records when the thread went to sleep)
         # While the I/O thread watches the ring the driver need not notify (QEMU's IOThread
         # does the same): a guest then posts without an exit. Notifications come back on,
-        # with a last look at the ring, before the thread sleeps.
-        with self.lock:
-            if not queue.ready:
+        # with a last look at the ring, before the thread sleeps; that includes a window
+        # that shrank to 0 since they were turned off.
+        if fast.poll_ns:
+            with self.lock:
+                if not queue.ready:
+                    return False
+                if queue.avail_moved():
+                    # A driver that keeps the ring busy has usually posted again while the
+                    # batch was being completed: no C poll to set up (~3 µs a request at QD 1).
+                    fast.hit()
+                    return True
+                queue.disable_notify()
+            if fast.poll(self.memory, queue):
+                return True                            # still busy: leave them off
+        else:
+            fast.poll(self.memory, queue)              # (records when the thread went to sleep)
+            if not queue.notify_off:       # (set by this thread only; a reset clears it)
                 return False
-            queue.disable_notify()
-        if fast.poll(self.memory, queue):
-            return True                                # still busy: leave them off
         with self.lock:
-            return queue.ready and queue.enable_notify()
+            return queue.ready and queue.notify_off and queue.enable_notify()
 
     def handle_request(self, queue: Queue, chain: DescriptorChain) -> int:
         if chain.write_len == 0:

@@ -112,11 +112,6 @@ class BlkFastPath:
         regions = memory.regions
         if not regions:
             return False
-        if queue.avail_moved():
-            # A driver that keeps the ring busy has usually posted again while the batch
-            # was being completed: no need to set up the C poll (~3 µs a request at QD 1).
-            self._poll_hit = True
-            return True
         vq = self._poll_vq
         pins = _pin(regions)
         try:
@@ -130,6 +125,10 @@ class BlkFastPath:
             self._shrink()
             self._gave_up_at = time.monotonic_ns()
         return got
+
+    def hit(self) -> None:
+        """The caller saw avail.idx move itself (a poll that found it at once)."""
+        self._poll_hit = True
 
     def _shrink(self) -> None:
         ns = self.poll_ns

@@ -259,6 +259,7 @@ class Queue:
         self._signalled_used = 0     # used_idx when the driver was last interrupted
         self._signalled_valid = False
         self._added = False          # used entries added since the last needs_interrupt()
+        self.notify_off = False      # disable_notify() ran and enable_notify() has not
         # (gpa, size, mapping) of the region the last buffer was in; size -1 matches nothing,
         # not even a zero-length buffer at 0, so the first buffer always goes through check()
         self._last_region = (0, -1, None)
@@ -298,9 +299,10 @@ class Queue:
         self._i_used_event = a + 2 + size                       # avail->ring[size]
         self._i_used_flags, self._i_used_idx = u, u + 1
         self._i_avail_event = u + 2 + 4 * size                  # used->ring[size]
-        # Notifications wanted (2.7.10.1: flags is 0 or 1), whatever a poll before a reset
-        # left in this memory (disable_notify).
+        # Notifications wanted (2.7.10.1: flags is 0 or 1; avail_event 0: from the first
+        # request), whatever a poll before a reset left in this memory (disable_notify).
         self._used16[self._i_used_flags] = 0
+        self._used16[self._i_avail_event] = 0
         self.event_idx = bool(event_idx)
         self.indirect = bool(indirect)
         self._clear_ring_state()
@@ -329,6 +331,7 @@ class Queue:
         ring: used.flags = NO_NOTIFY (2.7.10), or with VIRTIO_F_EVENT_IDX an avail_event the
         driver has already passed (2.7.10: it notifies when avail.idx passes avail_event).
         Saves the guest an exit per request. Call with the device lock held, while ready."""
+        self.notify_off = True
         if self.event_idx:
             self._used16[self._i_avail_event] = (self.last_avail - 1) & 0xFFFF
         else:
@@ -338,6 +341,7 @@ class Queue:
         """Undo :meth:`disable_notify` before the device stops polling, and look again: True
         if a request was made available meanwhile (the driver may not have notified it).
         Call with the device lock held, while ready."""
+        self.notify_off = False
         if self.event_idx:
             self._used16[self._i_avail_event] = self.last_avail
         else:

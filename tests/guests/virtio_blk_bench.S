@@ -18,9 +18,10 @@
  *   "virtio-blk at B irq G\n"   the transport's address and interrupt (GSI) it found
  *   "t\n"                 before each repetition and after the last one
  *   "end err:E sector:S data:D sum:X\n"   E requests whose status byte was not 0
- *                         (VIRTIO_BLK_S_OK), S the sector and D the first 8 bytes read by the
- *                         last batch's first request, X the XOR of the first 8 bytes of every
- *                         buffer read, as a little-endian number (the host checks all three
+ *                         (VIRTIO_BLK_S_OK) or whose used length was not 4097, S the sector
+ *                         and D the first 8 bytes read by the last batch's first request, X a
+ *                         hash of every sector read (x = rol(x, 5) ^ its first 8 bytes as a
+ *                         little-endian number, in request order; the host checks all three
  *                         against the file)
  *   "irqs:N\n"            (IRQ=1) used-buffer interrupts taken
  * then isa-debug-exit 0x10 (process status 0x21).
@@ -268,7 +269,7 @@ probe:  cmpl $0x74726976, 0x000(%rbx)
 7:      ret
 
 /* CPL3: the request loop. %r15 xorshift64 state, %r14w avail.idx, %r13d repetitions left,
- * %r12d batches left, %r11 QueueNotify's address, %r10 failed requests, %r9 checksum */
+ * %r12d batches left, %r11 QueueNotify's address, %r10 failed requests, %r9 the hash */
 user:   mov $SEED, %r15
         xor %r14d, %r14d
         xor %r10d, %r10d
@@ -323,12 +324,28 @@ fill:   mov %r15, %rax                  /* xorshift64 (13, 7, 17) */
 10:     cmpb $0, STATUS(%rcx)
         je 11f
         inc %r10
-11:     mov %ecx, %eax
+11:     mov %ecx, %eax                  /* the checksum: the first 8 bytes of every sector */
         shl $12, %eax
-        xor DATA(%rax), %r9             /* the checksum: every buffer's first 8 bytes */
+        lea DATA(%rax), %rsi
+        mov $8, %edx
+16:     rol $5, %r9                     /* (order matters: a rotate before each) */
+        xor (%rsi), %r9
+        add $512, %rsi
+        dec %edx
+        jnz 16b
         inc %ecx
         cmp $QD, %ecx
         jb 10b
+        lea -QD(%r14), %eax             /* this batch's used elements: each wrote 4097 bytes */
+        xor %ecx, %ecx
+17:     lea (%rax,%rcx), %edx
+        and $(QS - 1), %edx
+        cmpl $4097, USED + 8(,%rdx,8)   /* used.ring[slot].len (4 KiB + the status byte) */
+        je 18f
+        inc %r10
+18:     inc %ecx
+        cmp $QD, %ecx
+        jb 17b
         dec %r12d
         jnz batch
         dec %r13d
