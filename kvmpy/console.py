@@ -13,6 +13,8 @@ import os
 import selectors
 import threading
 
+from kvmpy._sigint import sigint_held
+
 
 class ConsoleInput:
     POLL_FULL = 0.005   # seconds between retries while the guest has not drained the FIFO
@@ -24,9 +26,12 @@ class ConsoleInput:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stop = False
         self._thread = threading.Thread(target=self._main, name="kvmpy-console-in", daemon=True)
+        self._started = False
 
     def start(self) -> "ConsoleInput":
-        self._thread.start()
+        with sigint_held():   # started and recorded, or neither (kvmpy/_sigint.py)
+            self._thread.start()
+            self._started = True
         return self
 
     def _main(self) -> None:
@@ -74,6 +79,7 @@ class ConsoleInput:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
-        self._thread.join()
+        if self._started:
+            self._thread.join()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -74,6 +74,39 @@ def test_keyboard_interrupt_releases_everything(build_guest):
     assert counts() == before
 
 
+@pytest.mark.parametrize("thread_name", ["kvmpy-vcpu0", "kvmpy-io-virtio0"])
+def test_ctrl_c_while_a_thread_starts_leaves_nothing_behind(build_guest, monkeypatch, tmp_path,
+                                                            thread_name):
+    """SIGINT arrives while Thread.start() waits for a new vCPU or I/O thread to run (made
+    certain here: the new thread sends it and dawdles before it says it started). Before
+    kvmpy/_sigint.py the KeyboardInterrupt left a running thread whose Thread object said it
+    never started: closing the VM raised RuntimeError and the spinning vCPU ran on."""
+    img = build_guest("spin")
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4096))
+    with kvmpy.VM(image=img, mode="real", disks=[str(disk)]) as vm:   # warm up
+        vm.stop()
+    before = counts()
+    main = threading.main_thread().ident
+    real_set_ident = threading.Thread._set_ident
+    sent = []
+
+    def set_ident(self):             # runs in the new thread before it reports "started"
+        if self.name == thread_name and not sent:
+            sent.append(1)
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.2)          # the main thread is inside Thread.start() meanwhile
+        real_set_ident(self)
+    monkeypatch.setattr(threading.Thread, "_set_ident", set_ident)
+    with pytest.raises(KeyboardInterrupt):
+        with kvmpy.VM(image=img, mode="real", disks=[str(disk)]) as vm:
+            vm.wait()
+    monkeypatch.undo()
+    assert sent
+    time.sleep(0.05)
+    assert counts() == before
+
+
 def test_many_vms_in_sequence_and_in_threads(build_guest):
     img = build_guest("uart_hello")
     with kvmpy.VM(image=img, mode="real", mem="8M") as vm:   # warm up

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 
 from kvmpy._ffi import lib
+from kvmpy._sigint import sigint_held
 from kvmpy.errors import KvmpyError
 from kvmpy.outcome import ExitStatus, Outcome, StopReason, VmStop
 from kvmpy.vmexit.exits import ExitDecoder
@@ -87,10 +88,13 @@ class VcpuThread:
         self._requests: list[Callable] = []   # run in this vCPU's thread at the next kick
         self._thread = threading.Thread(target=self._main, name=f"kvmpy-vcpu{vcpu_id}",
                                         daemon=True)
+        self._started = False    # set with SIGINT held, right after Thread.start() (_sigint)
 
     def start(self) -> None:
         install_kick_handler()
-        self._thread.start()
+        with sigint_held():
+            self._thread.start()
+            self._started = True
 
     def _main(self) -> None:
         outcome = None
@@ -191,5 +195,7 @@ class VcpuThread:
         self._kick()
 
     def join(self, timeout: float | None = None) -> bool:
+        if not self._started:    # interrupted before start(): there is no thread
+            return True
         self._thread.join(timeout)
         return not self._thread.is_alive()

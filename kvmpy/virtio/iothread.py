@@ -23,6 +23,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+from kvmpy._sigint import sigint_held
+
 
 class IoThread:
     def __init__(self, name: str = "kvmpy-io"):
@@ -56,8 +58,10 @@ class IoThread:
     # -- lifetime ------------------------------------------------------------------------------
     def start(self) -> "IoThread":
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
+            t = threading.Thread(target=self._run, name=self.name, daemon=True)
+            with sigint_held():   # started and recorded, or neither (kvmpy/_sigint.py)
+                t.start()
+                self._thread = t
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
