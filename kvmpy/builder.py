@@ -21,6 +21,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from kvmpy._sigint import sigint_deferred
 from kvmpy.errors import ImageError, KvmpyError
 from kvmpy.outcome import ExitStatus, Outcome, StopReason
 from kvmpy.vcpu.modes import MMIO_HOLE_START, Mode, reserved_ranges, setup_mode
@@ -182,8 +183,9 @@ class Machine:
                 lambda: self._finish(Outcome(StopReason.STOPPED, ExitStatus.OK,
                                              "ended with Ctrl-A x")), stderr_echo)
         target = self.input_device or self.console
-        reader = ConsoleInput(fd, target, transform).start()
-        self._stack.callback(reader.stop)
+        with sigint_deferred():   # started and registered, or neither (kvmpy/_sigint.py)
+            reader = ConsoleInput(fd, target, transform).start()
+            self._stack.callback(reader.stop)
 
     # -- images ----------------------------------------------------------------------------
     def load_flat(self, image: str, load: int, mode: Mode, data: bytes | None = None) -> int:

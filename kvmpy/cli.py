@@ -325,18 +325,20 @@ def _run_machine(build, nr_vcpus: int, args, tracer, trace_file, on_built=None) 
 
 
 def _attach_gdb(machine, args, setup):
+    from kvmpy._sigint import sigint_deferred
     from kvmpy.errors import KvmpyError
     from kvmpy.gdbstub import GdbStub, parse_address
 
-    try:
-        host, port = parse_address(args.gdb or "tcp::1234")
-        stub = GdbStub(machine, host, port, wait=args.gdb_wait)
-    except OSError as e:
-        raise KvmpyError(f"--gdb {args.gdb or 'tcp::1234'}: cannot listen: {e.strerror}; "
-                         "choose another port") from None
-    except ValueError as e:
-        raise KvmpyError(f"--gdb {args.gdb}: {e}") from None
-    machine._stack.callback(stub.close)
+    with sigint_deferred():   # the stub's thread started and registered, or neither
+        try:
+            host, port = parse_address(args.gdb or "tcp::1234")
+            stub = GdbStub(machine, host, port, wait=args.gdb_wait)
+        except OSError as e:
+            raise KvmpyError(f"--gdb {args.gdb or 'tcp::1234'}: cannot listen: {e.strerror}; "
+                             "choose another port") from None
+        except ValueError as e:
+            raise KvmpyError(f"--gdb {args.gdb}: {e}") from None
+        machine._stack.callback(stub.close)
     print(f"kvmpy: gdb stub on {host}:{stub.port}"
           + (" (waiting for gdb before the first instruction)" if args.gdb_wait else ""),
           file=sys.stderr)

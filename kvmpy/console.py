@@ -13,7 +13,7 @@ import os
 import selectors
 import threading
 
-from kvmpy._sigint import sigint_held
+from kvmpy._sigint import sigint_deferred
 
 
 class ConsoleInput:
@@ -29,7 +29,7 @@ class ConsoleInput:
         self._started = False
 
     def start(self) -> "ConsoleInput":
-        with sigint_held():   # started and recorded, or neither (kvmpy/_sigint.py)
+        with sigint_deferred():   # started and recorded, or neither (kvmpy/_sigint.py)
             self._thread.start()
             self._started = True
         return self

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 
 from kvmpy._ffi import lib
-from kvmpy._sigint import sigint_held
+from kvmpy._sigint import sigint_deferred
 from kvmpy.outcome import ExitStatus, Outcome, StopReason, VmStop
 
 PACKET_SIZE = 0x4000
@@ -185,7 +185,7 @@ class GdbStub:
         self._killed = False
         machine.dispatcher.debug_handler = self.debug_handler
         self._thread = threading.Thread(target=self._serve, name="kvmpy-gdbstub", daemon=True)
-        with sigint_held():   # (kvmpy/_sigint.py)
+        with sigint_deferred():   # (kvmpy/_sigint.py)
             self._thread.start()
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -74,11 +74,13 @@ def test_keyboard_interrupt_releases_everything(build_guest):
     assert counts() == before
 
 
+@pytest.mark.parametrize("to", ["main", "process"])
 @pytest.mark.parametrize("thread_name", ["kvmpy-vcpu0", "kvmpy-io-virtio0"])
 def test_ctrl_c_while_a_thread_starts_leaves_nothing_behind(build_guest, monkeypatch, tmp_path,
-                                                            thread_name):
+                                                            thread_name, to):
     """SIGINT arrives while Thread.start() waits for a new vCPU or I/O thread to run (made
-    certain here: the new thread sends it and dawdles before it says it started). Before
+    certain here: the new thread sends it and dawdles before it says it started), sent to the
+    main thread or to the process (with another thread about that may take it). Before
     kvmpy/_sigint.py the KeyboardInterrupt left a running thread whose Thread object said it
     never started: closing the VM raised RuntimeError and the spinning vCPU ran on."""
     img = build_guest("spin")
@@ -94,14 +96,24 @@ def test_ctrl_c_while_a_thread_starts_leaves_nothing_behind(build_guest, monkeyp
     def set_ident(self):             # runs in the new thread before it reports "started"
         if self.name == thread_name and not sent:
             sent.append(1)
-            signal.pthread_kill(main, signal.SIGINT)
+            if to == "main":
+                signal.pthread_kill(main, signal.SIGINT)
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.2)          # the main thread is inside Thread.start() meanwhile
         real_set_ident(self)
+    idle = threading.Event()
+    bystander = threading.Thread(target=idle.wait, daemon=True)   # may take a process signal
+    bystander.start()
     monkeypatch.setattr(threading.Thread, "_set_ident", set_ident)
-    with pytest.raises(KeyboardInterrupt):
-        with kvmpy.VM(image=img, mode="real", disks=[str(disk)]) as vm:
-            vm.wait()
-    monkeypatch.undo()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with kvmpy.VM(image=img, mode="real", disks=[str(disk)]) as vm:
+                vm.wait()
+    finally:
+        monkeypatch.undo()
+        idle.set()
+        bystander.join()
     assert sent
     time.sleep(0.05)
     assert counts() == before

@@ -24,6 +24,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from kvmpy._sigint import sigint_deferred
+
 RX_QUEUE_MAX = 256
 
 
@@ -74,7 +76,8 @@ class Backend:
 
     def run_in_thread(self, name: str | None = None) -> "Runner":
         """Serve this backend from a private I/O thread (tests, tools); ``close()`` stops it."""
-        self._runner = Runner(self, name or f"kvmpy-{type(self).__name__}")
+        with sigint_deferred():   # started and recorded, or neither (kvmpy/_sigint.py)
+            self._runner = Runner(self, name or f"kvmpy-{type(self).__name__}")
         return self._runner
 
     def __enter__(self):

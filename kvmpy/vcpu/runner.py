@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 
 from kvmpy._ffi import lib
-from kvmpy._sigint import sigint_held
+from kvmpy._sigint import sigint_deferred
 from kvmpy.errors import KvmpyError
 from kvmpy.outcome import ExitStatus, Outcome, StopReason, VmStop
 from kvmpy.vmexit.exits import ExitDecoder
@@ -88,11 +88,11 @@ class VcpuThread:
         self._requests: list[Callable] = []   # run in this vCPU's thread at the next kick
         self._thread = threading.Thread(target=self._main, name=f"kvmpy-vcpu{vcpu_id}",
                                         daemon=True)
-        self._started = False    # set with SIGINT held, right after Thread.start() (_sigint)
+        self._started = False    # set with Ctrl-C deferred, right after Thread.start() (_sigint)
 
     def start(self) -> None:
         install_kick_handler()
-        with sigint_held():
+        with sigint_deferred():
             self._thread.start()
             self._started = True
 

@@ -23,7 +23,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from kvmpy._sigint import sigint_held
+from kvmpy._sigint import sigint_deferred
 
 
 class IoThread:
@@ -59,7 +59,7 @@ class IoThread:
     def start(self) -> "IoThread":
         if self._thread is None:
             t = threading.Thread(target=self._run, name=self.name, daemon=True)
-            with sigint_held():   # started and recorded, or neither (kvmpy/_sigint.py)
+            with sigint_deferred():   # started and recorded, or neither (kvmpy/_sigint.py)
                 t.start()
                 self._thread = t
         return self
