@@ -28,7 +28,8 @@ import threading
 
 @contextlib.contextmanager
 def sigint_deferred():
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is None):   # a handler Python cannot put back
         yield
         return
     caught: list = []
