@@ -272,9 +272,9 @@ class VirtioDevice:
 
     def poll_queue(self, queue: Queue) -> bool:
         """Called when ``queue`` ran empty and its completions were signalled, without the
-        device lock (so it may only read the ring, and must cope with a concurrent reset): a
-        device may watch the ring a little longer and return True if the driver made more
-        available (notify then runs it at once). Default: no polling."""
+        device lock (take it to write anything, and cope with a concurrent reset): a device
+        may watch the ring a little longer and return True if the driver made more available
+        (notify then runs it at once). Default: no polling."""
         return False
 
     @contextlib.contextmanager
