@@ -60,7 +60,7 @@ def test_cpl3_guest_reads_random_blocks(tmp_path, engine, poll_us, irq):
     ioeventfd; completions polled, or (irq=1) waited for in hlt until the used-buffer
     interrupt (irqfd -> IOAPIC -> vector 0x30, acknowledged at the transport and the LAPIC).
     Every status byte must be OK, and the blocks' bytes (the last batch's first block and an
-    XOR of every block's first 8 bytes) must be the file's."""
+    order-sensitive hash of every sector's first 8 bytes) must be the file's."""
     qd, nbatch, reps, nblocks = 8, 40, 2, 64
     disk = tmp_path / "disk.img"
     disk.write_bytes(random.Random(7).randbytes(nblocks * 4096))

@@ -2,27 +2,28 @@
 """virtio-blk 4 KiB random reads driven by a real guest: kvmpy and QEMU side by side, against
 an os.preadv loop on the same offsets.
 
-The guest (tests/guests/virtio_blk_bench.S, also run by tests/test_virtio_cli.py) is one PVH ELF that both VMMs boot with their
-own virtio-mmio transport: kvmpy ``boot --transport mmio --disk IMG,ro`` and QEMU ``-M microvm
--device virtio-blk-device``. It sets up long mode and the device at CPL0, then runs its driver
-at CPL3 (native speed on this PVM host, where CPL0 is emulated): batches of QD chains (header |
-4 KiB device-writable | status), one avail.idx store, a QueueNotify store (an ioeventfd in
-kvmpy and in QEMU with KVM; a TCG vCPU calls QEMU's device directly), then waits for the
-batch and checks every status byte. It waits in one of two ways (``--completions``):
+The guest (tests/guests/virtio_blk_bench.S, also run by tests/test_virtio_cli.py) is one PVH
+ELF that both VMMs boot with their own virtio-mmio transport: kvmpy ``boot --transport mmio
+--disk IMG,ro`` and QEMU ``-M microvm -device virtio-blk-device``. It sets up long mode and the
+device at CPL0, then runs its driver at CPL3 (native speed on this PVM host, where CPL0 is
+emulated): batches of QD chains (header | 4 KiB device-writable | status), one avail.idx
+store, a QueueNotify store (an ioeventfd in kvmpy and in QEMU with KVM; a TCG vCPU calls
+QEMU's device directly), then waits for the batch and checks every status byte and used length. The sectors come from xorshift64 in the
+guest; the preadv loop reads the same blocks in the same order (computed here). The guest
+waits for a batch in one of two ways (``--completions``):
 
 - **poll**: spins on used.idx at CPL3, VIRTQ_AVAIL_F_NO_INTERRUPT set (a Linux poll queue);
 - **irq**: sleeps in ``hlt`` at CPL0 until the used-buffer interrupt (irqfd in kvmpy; the
   IOAPIC delivers it), whose handler reads InterruptStatus, writes InterruptACK and EOIs the
   local APIC, as Linux's virtio_mmio does. On this PVM host that CPL0 part runs emulated (about
-  1 M instructions/s: tens of µs a batch), for both VMMs alike. The sectors come from xorshift64 in the guest; the preadv loop
-reads the same blocks in the same order (computed here).
+  1 M instructions/s: tens of µs a batch), for both VMMs alike.
 
 The guest prints "t" before and after each repetition; this script timestamps each line as
 it arrives on the VMM's stdout (a pipe) and turns the time between two into req/s. Each round
 runs the preadv loop once and every VMM once (a fresh process each, two repetitions: the
 first is the warm-up and is dropped); the tables show medians over the rounds. Each run must
 report no failed request, and the data it read must match the file (the last batch's
-first block, and the XOR of the first 8 bytes of every block).
+first block, and a hash of the first 8 bytes of every sector read, in order).
 
 Exit status 0 unless a run failed or read wrong data; the ratios are reported, not enforced.
 """
@@ -122,7 +123,7 @@ def run_vm(argv: list[str], env: dict, reps: int,
 
 def check_end(end: str, want: dict[str, int]) -> None:
     """The guest's ``end`` line: no failed request, the expected last sector, the file's bytes
-    there, and the XOR of the first 8 bytes of every block read (virtio_driver.bench_expect)."""
+    there, and the hash of every sector read (virtio_driver.bench_expect)."""
     got = bench_end(end)
     if got != want:
         raise RuntimeError(f"the guest said {end!r}, expected "
