@@ -8,9 +8,10 @@ ELF that both VMMs boot with their own virtio-mmio transport: kvmpy ``boot --tra
 device at CPL0, then runs its driver at CPL3 (native speed on this PVM host, where CPL0 is
 emulated): batches of QD chains (header | 4 KiB device-writable | status), one avail.idx
 store, a QueueNotify store (an ioeventfd in kvmpy and in QEMU with KVM; a TCG vCPU calls
-QEMU's device directly), then waits for the batch and checks every status byte and used length. The sectors come from xorshift64 in the
-guest; the preadv loop reads the same blocks in the same order (computed here). The guest
-waits for a batch in one of two ways (``--completions``):
+QEMU's device directly), then waits for the batch and checks every status byte and used
+length. The sectors come from xorshift64 in the guest; the preadv loop reads the same blocks
+in the same order (computed here). The guest waits for a batch in one of two ways
+(``--completions``):
 
 - **poll**: spins on used.idx at CPL3, VIRTQ_AVAIL_F_NO_INTERRUPT set (a Linux poll queue);
 - **irq**: sleeps in ``hlt`` at CPL0 until the used-buffer interrupt (irqfd in kvmpy; the
