@@ -11,8 +11,9 @@ Keywords mirror the CLI: ``kernel=, initrd=, append=, cpus=`` boot Linux (``kvmp
 ``virtio_console=True`` and ``transport=`` add virtio devices as ``--disk``/``--net``/``--rng``/
 ``--virtio-console`` do (with a virtio console, ``vm.console.send`` types into hvc0, as the
 CLI's stdin does; boot Linux with ``console=hvc0`` to have its shell there). The VM starts on ``__enter__`` (or ``start()``), and ``close()`` / ``__exit__``
-release every fd, mmap and thread whatever happened, KeyboardInterrupt included. Many VMs may run
-in one process, from several threads.
+release every fd, mmap and thread whatever happened, KeyboardInterrupt included (a second one
+while it closes is raised once all is released). A VM that nobody holds any more, started or not,
+is closed when it is collected, or at exit. Many VMs may run in one process, from several threads.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import collections
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from kvmpy.errors import KvmpyError
@@ -176,6 +178,10 @@ class VM:
         self.console = Console()
         self.timeout = timeout
         self._trace_file = None
+        self._machine = None
+        self._release = None
+        self._started = False
+        self._result: ExitResult | None = None
         tracer = None
         if trace:
             from kvmpy.vmexit.trace import Tracer
@@ -203,16 +209,19 @@ class VM:
                     console_sink=self.console._write, tracer=tracer, devices=devices,
                     transport=transport or "mmio"))
                 self._nr_vcpus = 1
-        except BaseException:
-            if self._trace_file:
-                self._trace_file.close()
+            # A VM nobody holds any more (dropped before __enter__, or never closed) is closed
+            # when it is collected, or at interpreter exit: its I/O threads run from here on,
+            # and they hold the machine, not this object. Nothing the machine owns may refer
+            # back to this object, or it would never be collected.
+            self._release = weakref.finalize(self, _release, self._machine, self._trace_file)
+            machine = self._machine
+            # where typed input goes: COM1, or the guest's hvc0 when there is a virtio console
+            self.console.uart = machine.input_device or machine.console
+            self.console._pause_vm = lambda: machine.pause(wait=False)
+            machine.on_finish.append(self.console._guest_ended)
+        except BaseException:     # Ctrl-C included: nobody gets this VM to close it
+            self.close()
             raise
-        # where typed input goes: COM1, or the guest's hvc0 when there is a virtio console
-        self.console.uart = self._machine.input_device or self._machine.console
-        self.console._pause_vm = lambda: self._machine.pause(wait=False)
-        self._machine.on_finish.append(self.console._guest_ended)
-        self._started = False
-        self._result: ExitResult | None = None
 
     @property
     def machine(self):
@@ -300,16 +309,27 @@ class VM:
                 pass
 
     def close(self) -> None:
-        m = getattr(self, "_machine", None)
-        if m is not None:
-            if self._result is None and self._started:
+        m = self._machine
+        try:
+            if m is not None and self._result is None and self._started:
                 m.stop()
                 outcome = m.wait(5)
                 self._result = ExitResult(outcome, m.dispatcher.exit_counts())
-            m.close()
-        if self._trace_file is not None:
-            self._trace_file.close()
+        finally:                             # a second Ctrl-C in wait() releases all the same
+            if self._release is not None:
+                self._release()              # runs _release() once, whoever calls first
+            else:                            # the machine was never built
+                _release(m, self._trace_file)
             self._trace_file = None
+
+
+def _release(machine, trace_file) -> None:
+    try:
+        if machine is not None:
+            machine.close()     # raises a Ctrl-C that came meanwhile, once all is released
+    finally:
+        if trace_file is not None:
+            trace_file.close()
 
 
 __all__ = ["VM", "ExitResult", "Console", "ConsoleTimeout", "ExitStatus"]

@@ -1,4 +1,5 @@
 """kvmpy.VM: the scripting API test rigs use."""
+import gc
 import os
 import resource
 import signal
@@ -116,6 +117,113 @@ def test_ctrl_c_while_a_thread_starts_leaves_nothing_behind(build_guest, monkeyp
         bystander.join()
     assert sent
     time.sleep(0.05)
+    assert counts() == before
+
+
+def _disk(tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4096))
+    return str(disk)
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_a_vm_nobody_holds_is_released(build_guest, tmp_path, started):
+    """A VM dropped without close(): built and never entered (a Ctrl-C between ``kvmpy.VM()``
+    and ``__enter__``), or started and forgotten. Its virtio I/O thread runs from construction
+    and holds the machine, so before the finalizer nothing was ever released."""
+    img, disk = build_guest("spin"), _disk(tmp_path)
+    with kvmpy.VM(image=img, mode="real", disks=[disk]) as vm:   # warm up
+        vm.stop()
+    before = counts()
+    vm = kvmpy.VM(image=img, mode="real", disks=[disk], trace=str(tmp_path / "t.txt"))
+    if started:
+        vm.start()
+        vm.console.expect("spinning")
+    assert counts() != before
+    del vm
+    gc.collect()
+    assert counts() == before
+
+
+def test_ctrl_c_inside_vm_init_after_the_machine_is_built(build_guest, tmp_path, monkeypatch):
+    img, disk = build_guest("spin"), _disk(tmp_path)
+    with kvmpy.VM(image=img, mode="real", disks=[disk]) as vm:   # warm up
+        vm.stop()
+    before = counts()
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kvmpy.api.Console, "_guest_ended", property(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        kvmpy.VM(image=img, mode="real", disks=[disk])
+    monkeypatch.undo()
+    gc.collect()
+    assert counts() == before
+
+
+def test_a_second_ctrl_c_while_the_vm_closes(build_guest, tmp_path, monkeypatch):
+    """A Ctrl-C in the script makes ``with`` close the VM; another one while it closes (here:
+    while it joins the vCPU thread, which takes its time to leave) used to end close() there,
+    leaving the vCPU, the I/O thread, the fds and guest memory behind. Now the second one is
+    raised once everything is released."""
+    from kvmpy.vcpu.runner import VcpuThread
+
+    img, disk = build_guest("spin"), _disk(tmp_path)
+    with kvmpy.VM(image=img, mode="real", disks=[disk]) as vm:   # warm up
+        vm.stop()
+    before = counts()
+    main = threading.main_thread().ident
+    real_join = VcpuThread.join
+    sent = []
+
+    def join(self, timeout=None):
+        if not sent:
+            sent.append(1)
+            signal.pthread_kill(main, signal.SIGINT)   # the second Ctrl-C, during the join
+            time.sleep(0.1)
+        return real_join(self, timeout)
+    monkeypatch.setattr(VcpuThread, "join", join)
+    threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        with kvmpy.VM(image=img, mode="real", disks=[disk]) as vm:
+            vm.console.expect("never printed", timeout=30)   # the first Ctrl-C lands here
+    monkeypatch.undo()
+    assert sent
+    time.sleep(0.05)   # the Timer thread ends
+    assert counts() == before
+
+
+def test_ctrl_c_while_a_machine_closes_is_raised_after_its_threads_end(build_guest, monkeypatch):
+    """Machine.close() of a running machine, interrupted while it joins the vCPU thread:
+    the fds and guest memory must not go while the thread runs."""
+    from kvmpy.builder import FlatConfig, build_flat
+    from kvmpy.vcpu.modes import Mode
+    from kvmpy.vcpu.runner import VcpuThread
+
+    img = build_guest("spin")
+    cfg = FlatConfig(img, Mode.REAL, mem_size=16 << 20, console_sink=lambda b: None)
+    with build_flat(cfg) as m:   # warm up
+        m.start(m.setup)
+    before = counts()
+    main = threading.main_thread().ident
+    real_join = VcpuThread.join
+    sent = []
+
+    def join(self, timeout=None):
+        if not sent:
+            sent.append(1)
+            signal.pthread_kill(main, signal.SIGINT)   # raised in the wait below, before
+        return real_join(self, timeout)
+    m = build_flat(cfg)
+    m.start(m.setup)
+    time.sleep(0.1)
+    slow_exit = m.vcpu_threads[0].on_exit
+    m.vcpu_threads[0].on_exit = lambda outcome: (time.sleep(0.3), slow_exit(outcome))
+    monkeypatch.setattr(VcpuThread, "join", join)
+    with pytest.raises(KeyboardInterrupt):
+        m.close()
+    monkeypatch.undo()
+    assert sent and not any(t._thread.is_alive() for t in m.vcpu_threads)
     assert counts() == before
 
 
