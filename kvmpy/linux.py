@@ -366,7 +366,8 @@ def _write_mptable(m: Machine, cpus: int) -> None:
     # irq0_pin=0: KVM's default GSI routing sends GSI 0 (the PIT) to IOAPIC pin 0, not pin 2 as
     # on PC chipsets; the MP table must say what the (virtual) wiring does (as Firecracker).
     table = build_mptable(MPTABLE_ADDR, cpus, ioapic_id=cpus, ioapic_addr=IOAPIC_ADDR,
-                          lapic_addr=LAPIC_ADDR, irq0_pin=0)
+                          lapic_addr=LAPIC_ADDR, irq0_pin=0,
+                          pci_intx=m.pci.intx_routes if m.pci is not None else None)
     if MPTABLE_ADDR + len(table) > HIGH_MEMORY:
         raise KvmpyError(f"the MP table for {cpus} vCPUs does not fit below 1 MiB")
     m.memory.write(MPTABLE_ADDR, table)

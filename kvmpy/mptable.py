@@ -7,8 +7,9 @@ Two structures, contiguous from ``base_addr``:
         others) the last KiB of base memory, 0x9fc00 (4: "in the last kilobyte of system base
         memory"), and which points at
     MP configuration table (MP spec 4.2): a 44-byte header, then the base table entries (4.3):
-        one processor entry per vCPU (APIC ids 0..n-1, cpu 0 the BSP), one ISA bus, the I/O
-        APIC, I/O interrupt assignments for ISA IRQs 0-15, and the two local interrupts
+        one processor entry per vCPU (APIC ids 0..n-1, cpu 0 the BSP), PCI bus 0 if there is
+        one, one ISA bus, the I/O APIC, I/O interrupt assignments for ISA IRQs 0-15 and for
+        the PCI functions' INTx pins, and the two local interrupts
         (ExtINT on the BSP's LINT0, NMI on every CPU's LINT1, as SeaBIOS and Firecracker write
         them; kvmpy.vcpu.boot.set_lint programs the LAPICs to match).
 
@@ -42,7 +43,11 @@ CPU_SIGNATURE = 0x600
 CPU_FEATURE_FPU = 1 << 0
 CPU_FEATURE_APIC = 1 << 9
 BUS_TYPE_ISA = b"ISA   "            # 4.3.2, Table 4-8: bus type strings, blank-padded to 6
-BUS_ID_ISA = 0
+BUS_TYPE_PCI = b"PCI   "
+# Bus ids: a PCI bus's MP bus id is its PCI bus number (Linux's IO_APIC_get_PCI_irq_vector
+# matches the entry's source bus against the device's bus number), so PCI bus 0 is id 0 and
+# the ISA bus comes after it, as in kvmtool's table; without PCI the ISA bus is 0.
+BUS_ID_PCI = 0
 ALL_LOCAL_APICS = 0xFF              # 4.3.5, destination local APIC id: "FFh ... all"
 BSP_APIC_ID = 0
 MAX_CPUS = 254                      # xAPIC ids are 8-bit, 0xff is broadcast, one is the IOAPIC
@@ -74,7 +79,8 @@ CPU_ENABLED = 1 << 0        # 4.3.1, CPU flags: EN
 CPU_BOOTPROCESSOR = 1 << 1  # 4.3.1, CPU flags: BP
 IOAPIC_ENABLED = 1 << 0     # 4.3.3, I/O APIC flags: EN
 # 4.3.4, I/O interrupt flags: polarity (bits 0-1) and trigger (bits 2-3), 0 = "conforms to the
-# specifications of the bus" (ISA: active high, edge triggered)
+# specifications of the bus" (ISA: active high, edge triggered; PCI: active low, level
+# triggered). KVM's IOAPIC takes the line's level as given, whatever the polarity bit says.
 IRQ_FLAGS_CONFORMING = 0
 
 MpFloatingPointer = Struct(             # 4.1, Figure 4-2: 16 bytes
@@ -149,12 +155,16 @@ def _checksum(data: bytes) -> int:
 
 
 def build_mptable(base_addr: int, nr_cpus: int, ioapic_id: int, ioapic_addr: int = 0xFEC00000,
-                  lapic_addr: int = 0xFEE00000, irq0_pin: int = 2) -> bytes:
+                  lapic_addr: int = 0xFEE00000, irq0_pin: int = 2,
+                  pci_intx: list[tuple[int, int, int]] | None = None) -> bytes:
     """The MP floating pointer at ``base_addr`` followed by the configuration table.
 
     ``ioapic_addr``/``lapic_addr`` default to the PC addresses (arch/x86/include/asm/apicdef.h:
     IO_APIC_DEFAULT_PHYS_BASE, APIC_DEFAULT_PHYS_BASE). ``ioapic_id`` must not be a CPU's APIC id
-    (0..nr_cpus-1).
+    (0..nr_cpus-1). ``pci_intx``: with a PCI bus 0, its wired interrupt pins as (device, pin
+    1-4 for INTA#-INTD#, IOAPIC input); each gets an I/O interrupt entry (4.3.4: the source bus
+    IRQ of a PCI device is ``device << 2 | pin - 1``, MP spec Appendix D.3). Without them, a
+    guest without ACPI finds no IRQ for a PCI device ("can't find IRQ for PCI INT A").
     """
     if not 1 <= nr_cpus <= MAX_CPUS:
         raise KvmpyError(f"{nr_cpus} vCPUs cannot be described in an MP table: use 1 to "
@@ -169,20 +179,31 @@ def build_mptable(base_addr: int, nr_cpus: int, ioapic_id: int, ioapic_addr: int
         lapic_id=cpu,
         cpu_flags=CPU_ENABLED | (CPU_BOOTPROCESSOR if cpu == 0 else 0)))
         for cpu in range(nr_cpus)]
-    entries.append(BusEntry.build(dict(bus_id=BUS_ID_ISA, bus_type=BUS_TYPE_ISA)))
+    isa = BUS_ID_PCI + 1 if pci_intx is not None else 0
+    if pci_intx is not None:
+        entries.append(BusEntry.build(dict(bus_id=BUS_ID_PCI, bus_type=BUS_TYPE_PCI)))
+    entries.append(BusEntry.build(dict(bus_id=isa, bus_type=BUS_TYPE_ISA)))
     entries.append(IoApicEntry.build(dict(ioapic_id=ioapic_id, address=ioapic_addr)))
     for irq in range(ISA_IRQS):
         pin = irq0_pin if irq == 0 else irq
         if irq == irq0_pin and irq != 0:
             continue                    # the pin belongs to IRQ 0 (on a PC: IRQ 2 is the cascade)
         entries.append(IoInterruptEntry.build(dict(
-            interrupt_type=InterruptType.INT, source_bus_id=BUS_ID_ISA, source_bus_irq=irq,
+            interrupt_type=InterruptType.INT, source_bus_id=isa, source_bus_irq=irq,
             dest_ioapic_id=ioapic_id, dest_ioapic_intin=pin)))
+    for device, pin, intin in pci_intx or ():
+        if not (0 <= device < 32 and 1 <= pin <= 4 and ISA_IRQS <= intin < 0xFF):
+            raise ValueError(f"PCI INTx route {(device, pin, intin)}: a device 0-31, a pin 1-4 "
+                             f"and an IOAPIC input no ISA IRQ uses")
+        entries.append(IoInterruptEntry.build(dict(
+            interrupt_type=InterruptType.INT, source_bus_id=BUS_ID_PCI,
+            source_bus_irq=device << 2 | (pin - 1), dest_ioapic_id=ioapic_id,
+            dest_ioapic_intin=intin)))
     entries.append(LocalInterruptEntry.build(dict(
-        interrupt_type=InterruptType.EXTINT, source_bus_id=BUS_ID_ISA, source_bus_irq=0,
+        interrupt_type=InterruptType.EXTINT, source_bus_id=isa, source_bus_irq=0,
         dest_lapic_id=BSP_APIC_ID, dest_lapic_lintin=0)))
     entries.append(LocalInterruptEntry.build(dict(
-        interrupt_type=InterruptType.NMI, source_bus_id=BUS_ID_ISA, source_bus_irq=0,
+        interrupt_type=InterruptType.NMI, source_bus_id=isa, source_bus_irq=0,
         dest_lapic_id=ALL_LOCAL_APICS, dest_lapic_lintin=1)))
 
     body = b"".join(entries)

@@ -241,3 +241,28 @@ def test_boot_warns_when_the_kernel_cannot_see_mmio_devices(versioned_kernel, tr
                   "--transport", transport)
     assert p.returncode == 0x21, p.stderr
     assert (b"built without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES" in p.stderr) == warned, p.stderr
+
+
+def test_mp_table_routes_the_pci_interrupt_pins(zp_kernel, tmp_path):
+    """A Linux machine with virtio-pci devices tells the guest where their INTA# pins go: a
+    guest without ACPI otherwise finds no IRQ for them ("can't find IRQ for PCI INT A")."""
+    import struct
+
+    import kvmpy
+    from test_mptable import parse as parse_mptable
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4096))
+    vm = kvmpy.VM(kernel=str(zp_kernel), disks=[str(disk)], rng=True, append="x")
+    try:
+        routes = vm.machine.pci.intx_routes
+        assert [(d, pin) for d, pin, _ in routes] == [(1, 1), (2, 1)]
+        assert all(16 <= gsi < 24 for _, _, gsi in routes)
+        _, _, _, entries = parse_mptable(vm.read_memory(0x9FC00, 0x400))
+        ints = [struct.unpack_from("<BBHBBBB", e) for e in entries if e[0] == 3]
+        pci = [(i[4] >> 2, (i[4] & 3) + 1, i[6]) for i in ints if i[3] == 0]   # bus 0: PCI
+        assert pci == routes
+        for d, _, gsi in routes:     # Interrupt Line says the same
+            assert vm.machine.pci.functions[(d, 0)].config[0x3C] == gsi
+    finally:
+        vm.close()

@@ -86,3 +86,26 @@ def test_limits():
         build_mptable(BASE, nr_cpus=4, ioapic_id=2)
     with pytest.raises(ValueError, match="16-byte aligned"):
         build_mptable(BASE + 4, nr_cpus=1, ioapic_id=1)
+
+
+def test_pci_bus_and_intx_entries():
+    """With PCI: bus 0 is the PCI bus (Linux matches a PCI entry's source bus against the
+    device's bus number), ISA moves to bus 1, and each wired INTx pin has an entry whose source
+    IRQ is device << 2 | pin - 1 (MP spec D.3), flags 0: PCI's level, active low."""
+    _, _, _, entries = parse(build_mptable(BASE, nr_cpus=2, ioapic_id=2,
+                                           pci_intx=[(1, 1, 17), (3, 2, 20)]))
+    buses = {e[1]: e[2:8] for e in entries if e[0] == 1}
+    assert buses == {0: b"PCI   ", 1: b"ISA   "}
+    ints = [struct.unpack_from("<BBHBBBB", e) for e in entries if e[0] == 3]
+    pci = [(i[4], i[6]) for i in ints if i[3] == 0]
+    assert pci == [(1 << 2 | 0, 17), (3 << 2 | 1, 20)]
+    assert all(i[1] == 0 and i[2] == 0 and i[5] == 2 for i in ints)
+    isa = {i[4]: i[6] for i in ints if i[3] == 1}
+    assert isa == {0: 2, **{irq: irq for irq in range(1, 16) if irq != 2}}
+    local = [struct.unpack_from("<BBHBBBB", e) for e in entries if e[0] == 4]
+    assert [i[3] for i in local] == [1, 1]               # ExtINT and NMI name the ISA bus
+    with pytest.raises(ValueError, match="INTx route"):
+        build_mptable(BASE, nr_cpus=1, ioapic_id=1, pci_intx=[(1, 1, 5)])   # an ISA pin
+    # a PCI bus with nothing wired still says bus 0 is PCI
+    _, _, _, entries = parse(build_mptable(BASE, nr_cpus=1, ioapic_id=1, pci_intx=[]))
+    assert {e[1]: e[2:8] for e in entries if e[0] == 1} == {0: b"PCI   ", 1: b"ISA   "}

@@ -1,6 +1,7 @@
 """The default Linux guest driving kvmpy's virtio devices for real (virtio-pci, as Debian's
 kernel finds them). Hardware virtualization only: skipped on software KVM (PVM), naming it."""
 import http.server
+import re
 import shutil
 import subprocess
 import threading
@@ -83,5 +84,30 @@ def test_virtio_console_is_the_guests_console(guest):
         vm.console.expect(PROMPT, timeout=T(120))
         sh(vm, "tty; cat /proc/consoles", rb"/dev/hvc0[\s\S]*hvc0")
         sh(vm, "echo $((6 * 7))-via-hvc0", rb"\n42-via-hvc0")
+        vm.console.sendline("reboot")
+        assert vm.wait(T(60)).status == 0
+
+
+def test_virtio_pci_on_intx_routed_by_the_mp_table(guest, tmp_path):
+    # pci=nomsi: no MSI-X, so virtio-pci falls back to INTA#, which Linux (no ACPI here) finds
+    # through the MP table's PCI entries; without them it said "can't find IRQ for PCI INT A;
+    # probably buggy MP table" and had no working interrupt for the device.
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"intx-disk!" * 6553 + b"\0" * 6)    # 64 KiB
+    with kvmpy.VM(kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline + " pci=nomsi",
+                  mem="512M", disks=[str(disk)], rng=True, timeout=T(240)) as vm:
+        vm.console.expect(PROMPT, timeout=T(120))
+        routes = vm.machine.pci.intx_routes
+        sh(vm, "dmesg | grep -c \"can't find IRQ\"", rb"\n0\r?\n")
+        for slot, _, gsi in routes:
+            # the kernel asked the MP table and got the line kvmpy wired
+            sh(vm, f"cat /sys/bus/pci/devices/0000:00:{slot:02x}.0/irq", rf"\n{gsi}\r?\n".encode())
+        out = sh(vm, "grep virtio /proc/interrupts; echo end-of-list",
+                 rb"(?s)\n(.*)\nend-of-list")
+        lines = out.group(1).decode(errors="replace")
+        for _, _, gsi in routes:
+            assert re.search(rf"\s{gsi}:\s+[1-9]\d*\s.*IO-APIC\s+{gsi}-fasteoi", lines), lines
+        sh(vm, "head -c 10 /dev/vda; echo; head -c 16 /dev/hwrng | wc -c",
+           rb"intx-disk!\r?\n16")
         vm.console.sendline("reboot")
         assert vm.wait(T(60)).status == 0

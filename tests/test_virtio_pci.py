@@ -944,13 +944,30 @@ def test_add_to_machine_places_the_bars(tmp_path):
     with Machine(4 << 20, irqchip=True) as m, IoThread() as io:
         lines = [add_to_machine(m, VirtioRng(m.memory), io) for _ in range(2)]
         assert lines[0] == ("virtio-pci 00:01.0: BAR0 0xe0000000-0xe0003fff MSI-X through KVM "
-                            "(2 vectors), INTx IRQ 5")
+                            "(2 vectors), INTx GSI 17")
         assert lines[1].startswith("virtio-pci 00:02.0: BAR0 0xe0004000-0xe0007fff")
         assert m.mmio.lookup(PCI_MMIO_BASE + BAR_SIZE).device is m.pci.functions[(2, 0)].region
         text = m.describe()
         assert "00:01.0  1af4:1044  virtio0" in text and "0x00e0000000" in text
         cfg = ConfigSpace(m.pio.lookup(0xCF8).device, 1)
-        assert cfg.read(0x3C, 1) == 5 and cfg.read(COMMAND, 2) & CMD_MEMORY
+        assert cfg.read(0x3C, 1) == 17 and cfg.read(COMMAND, 2) & CMD_MEMORY
+        assert m.pci.intx_routes == [(1, 1, 17), (2, 1, 18)]   # (device, INTA#, GSI)
+
+
+def test_pci_interrupt_lines_are_shared_by_level():
+    """More functions than PCI lines share one: the line stays high while any holds it."""
+    from kvmpy.devices.pci import PciBus
+
+    levels: dict[int, list] = {}
+    bus = PciBus()
+    wired = [bus.wire_intx(d, 1, lambda gsi: levels.setdefault(gsi, []).append)
+             for d in (1, 9, 2)]
+    assert [gsi for gsi, _ in wired] == [17, 17, 18]
+    (_, a), (_, b), (_, c) = wired
+    a(1), b(1), a(0)
+    assert levels[17] == [1]              # b still holds it
+    b(0), b(0), c(1)
+    assert levels == {17: [1, 0], 18: [1]}
 
 
 # -- on /dev/kvm: a guest notifies through an ioeventfd and takes the MSI ------------------------
@@ -986,6 +1003,115 @@ GUEST = r"""
 msi:    mov $0x21, %al
         out %al, $0xf4                 /* isa-debug-exit */
 """
+
+
+# INTx through the IOAPIC, as a guest without MSI-X takes it: the guest programs its IOAPIC's
+# redirection entry for the function's PCI line (GSI_PIN, from the PCI routes the MP table
+# gets) as level-triggered, active low (PCI's way, MP spec 4.3.4) to vector 0x42. Its handler
+# reads ISR (read-to-clear, which drops INTx), then EOIs the LAPIC; KVM's IOAPIC re-delivers
+# a level interrupt whose line is still high at EOI, so more interrupts would mean the line was
+# not dropped. The guest waits a while with interrupts on, then exits; it leaves the count
+# at 0x600 and each interrupt's ISR value from 0x601 (the first 8) for the test to read.
+INTX_COUNT, INTX_ISRS = 0x600, 0x601
+INTX_GUEST = r"""
+        .code16
+        cli
+        xor %ax, %ax
+        mov %ax, %ds
+        movw $intx, 0x42 * 4
+        movw $0, 0x42 * 4 + 2
+        mov $0x11, %al                 /* 8259 ICW1..4, then mask every line */
+        out %al, $0x20
+        mov $0x08, %al
+        out %al, $0x21
+        mov $0x04, %al
+        out %al, $0x21
+        mov $0x01, %al
+        out %al, $0x21
+        mov $0xff, %al
+        out %al, $0x21
+        out %al, $0xa1
+        addr32 movl $0x1ff, 0xfee000f0 /* LAPIC SVR: enabled, spurious vector 0xff */
+        /* IOAPIC redirection entry GSI_PIN (registers 0x10 + 2n, 0x11 + 2n; 82093AA 3.2.4):
+           destination APIC 0; vector 0x42, level (bit 15), active low (bit 13), unmasked */
+        addr32 movl $(0x11 + 2 * GSI_PIN), 0xfec00000
+        addr32 movl $0, 0xfec00010
+        addr32 movl $(0x10 + 2 * GSI_PIN), 0xfec00000
+        addr32 movl $(0x42 | 1 << 15 | 1 << 13), 0xfec00010
+        sti
+        addr32 movw $0, 0xe0003000     /* queue 0 notify (BAR 0 + 0x3000) */
+1:      hlt
+        cmpb $0, 0x600
+        je 1b
+        mov $20000, %cx                /* interrupts on: a line left high fires again */
+2:      loop 2b
+        cli
+        mov $0x21, %al
+        out %al, $0xf4                 /* isa-debug-exit */
+intx:   push %ax
+        push %bx
+        addr32 mov 0xe0001000, %al     /* ISR (BAR 0 + 0x1000): read-to-clear drops INTx */
+        movzbw 0x600, %bx
+        cmp $8, %bx
+        jae 3f
+        mov %al, 0x601(%bx)
+3:      cmpb $0xff, 0x600
+        je 4f
+        incb 0x600
+4:      addr32 movl $0, 0xfee000b0     /* LAPIC EOI: the IOAPIC's remote IRR clears */
+        pop %bx
+        pop %ax
+        iret
+"""
+
+
+@kvm
+def test_guest_takes_intx_through_the_ioapic(image):
+    from kvmpy.asm import assemble
+    from kvmpy.builder import Machine
+    from kvmpy.devices.debug_exit import DebugExit
+
+    with Machine(4 << 20, irqchip=True) as m, IoThread() as io:
+        m.add_pio_device(DebugExit(), 0xF4)
+        dev = VirtioBlk(m.memory, str(image))
+        add_to_machine(m, dev, io)
+        io.start()
+        (slot, pin, gsi), = m.pci.intx_routes
+        assert (slot, pin) == (1, 1) and gsi >= 16     # a PCI line, not an ISA IRQ
+        m.memory.write(0x7C00, assemble(f".set GSI_PIN, {gsi}\n" + INTX_GUEST, 0x7C00))
+        drv = PciDriver(m.memory, ConfigSpace(m.pio.lookup(0xCF8).device, 1), m.mmio,
+                        area=(0x10000, 0x80000))
+        drv.probe()
+        kicked, notify = threading.Event(), dev.notify
+        dev.notify = lambda i, **k: (notify(i, **k), kicked.set())[0]
+        drv.init(msix=False)
+        assert kicked.wait(10)
+        req = drv.queues[0].submit(out=[HDR.pack(BLK_IN, 0, 5)], in_=[512, 1])
+        m.start(unreal_mode_setup)
+        outcome = m.wait(30)
+        assert outcome.status == (0x21 << 1) | 1, outcome
+        count = m.memory.read(INTX_COUNT, 1)[0]
+        isrs = list(m.memory.read(INTX_ISRS, min(count, 8)))
+        (got, n), = drv.queues[0].get_used()
+        assert got is req and n == 513
+        assert req.written() == pattern(64 * 512)[5 * 512:6 * 512] + b"\0"
+        assert _intx_level(m) == 0
+    # The first interrupt saw "used buffer" in ISR, and reading it dropped the line: no more
+    # after the guest's EOI. PVM (this workplace's software KVM) EOIs a level-triggered
+    # interrupt of this real-mode guest once on its own, before the handler has read ISR
+    # (kvm_eoi for vector 0x42 in the host's trace, with no EOI write by the guest): the line
+    # is still high then, so the IOAPIC rightly delivers it again, and the second handler reads
+    # ISR 0. A line left high would go on firing. Under kvm_amd (tests/nested) it is exactly one.
+    assert isrs[:1] == [1], (count, isrs)
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        assert isrs in ([1], [1, 0]), (count, isrs)
+    else:
+        assert isrs == [1], (count, isrs)
+
+
+def _intx_level(m) -> int:
+    (t,) = [f for f in m.pci.functions.values() if isinstance(f, VirtioPci)]
+    return t.intx_level
 
 
 def unreal_mode_setup(vcpu):

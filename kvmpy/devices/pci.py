@@ -19,6 +19,7 @@ import struct
 import sys
 import threading
 
+from kvmpy.errors import KvmpyError
 from kvmpy.vmexit.bus import BusDevice, BusOverlapError
 
 CONFIG_ADDRESS_ENABLE = 1 << 31
@@ -253,15 +254,75 @@ class HostBridge(PciFunction):
                          revision=0x02)
 
 
+# Where INTx pins go: IOAPIC pins 16-23, which no ISA IRQ uses (KVM_CREATE_IRQCHIP's default
+# routing sends GSI 16-23 to the IOAPIC only, arch/x86/kvm/irq_comm.c), as on QEMU's q35. The
+# guest learns the wiring from the MP table's PCI entries (kvmpy/mptable.py); the lines are
+# level-triggered and may be shared by several functions (PCI 3.0, 2.2.6).
+INTX_GSIS = range(16, 24)
+
+
+def intx_gsi(device: int, pin: int = 1) -> int:
+    """The GSI of INTx ``pin`` (1 = INTA#) of ``device``: the usual swizzle (PCI-to-PCI Bridge
+    Architecture 1.2, 9.1: INTx of device D goes to (D + x) mod 4), spread over 8 lines."""
+    return INTX_GSIS[(device + pin - 1) % len(INTX_GSIS)]
+
+
+class SharedLevelLine:
+    """A level-triggered GSI that several functions may drive: high while any of them holds it
+    high. KVM_IRQ_LINE knows one user-space source, so the OR is done here. ``source()`` gives
+    each function its own ``irq(level)``; KVM hears only changes of the OR."""
+
+    def __init__(self, set_level):
+        self._set_level = set_level
+        self._high: set[int] = set()
+        self._sources = 0
+        self._lock = threading.Lock()
+
+    def source(self):
+        key = self._sources
+        self._sources += 1
+
+        def irq(level: int) -> None:
+            with self._lock:
+                was = bool(self._high)
+                if level:
+                    self._high.add(key)
+                else:
+                    self._high.discard(key)
+                if bool(self._high) != was:
+                    self._set_level(int(not was))
+        return irq
+
+
 class PciBus:
     """Bus 0: up to 32 devices x 8 functions."""
 
     def __init__(self):
         self.functions: dict[tuple[int, int], PciFunction] = {}
+        # (device, pin, GSI) of every wired INTx pin: what the MP table tells the guest
+        self.intx_routes: list[tuple[int, int, int]] = []
+        self._intx_lines: dict[int, SharedLevelLine] = {}
+
+    def wire_intx(self, device: int, pin: int, set_gsi_level) -> tuple[int, object]:
+        """Wire INTx ``pin`` of ``device`` to its GSI (:func:`intx_gsi`). ``set_gsi_level(gsi)``
+        gives the GSI's ``level`` setter. Returns the GSI and the function's ``irq(level)``."""
+        gsi = intx_gsi(device, pin)
+        line = self._intx_lines.get(gsi)
+        if line is None:
+            line = self._intx_lines[gsi] = SharedLevelLine(set_gsi_level(gsi))
+        self.intx_routes.append((device, pin, gsi))
+        return gsi, line.source()
+
+    def free_device(self) -> int:
+        """The first device number with no function 0."""
+        for d in range(32):
+            if (d, 0) not in self.functions:
+                return d
+        raise KvmpyError("PCI bus 0 is full (32 devices)")
 
     def add(self, function: PciFunction, device: int | None = None, fn: int = 0) -> int:
         if device is None:
-            device = next(d for d in range(32) if (d, 0) not in self.functions)
+            device = self.free_device()
         if not (0 <= device < 32 and 0 <= fn < 8) or (device, fn) in self.functions:
             raise ValueError(f"PCI slot {device}.{fn} is taken or invalid")
         self.functions[(device, fn)] = function

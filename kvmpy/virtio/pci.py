@@ -603,23 +603,27 @@ PCI_MMIO_END = 0xFEC0_0000
 
 def add_to_machine(machine, device: VirtioDevice, iothread) -> str:
     """Put ``device`` on the machine's PCI bus 0 (first free slot from 1), its BAR 0 at the next
-    16 KiB of PCI_MMIO_BASE, INTx on the k-th of virtio-mmio's free ISA IRQs (the fallback when
-    the driver does not enable MSI-X). Returns the device-map line."""
-    from kvmpy.virtio.mmio import VIRTIO_IRQS
-
+    16 KiB of PCI_MMIO_BASE, INTA# on a PCI interrupt line (GSI 16-23, kvmpy.devices.pci
+    intx_gsi; the fallback when the driver does not enable MSI-X). Returns the device-map
+    line."""
     pci = machine.ensure_pci()
     k = sum(isinstance(f, VirtioPci) for f in pci.functions.values())
     base = PCI_MMIO_BASE + k * BAR_SIZE
     if base + BAR_SIZE > PCI_MMIO_END:
         raise KvmpyError("no room left for another virtio-pci BAR below the IOAPIC")
-    irq = VIRTIO_IRQS[k % len(VIRTIO_IRQS)]
-    t = VirtioPci(device, machine.vm, mmio=machine.mmio, iothread=iothread,
-                  irq=machine.irq_line(irq), name=f"virtio{k}")
+    slot = pci.free_device()
+    gsi, irq = None, None
+    if machine.vm.has_irqchip:
+        gsi, irq = pci.wire_intx(slot, 1, machine.irq_line)
+    t = VirtioPci(device, machine.vm, mmio=machine.mmio, iothread=iothread, irq=irq,
+                  name=f"virtio{k}")
     machine._stack.callback(t.close)
-    slot = pci.add(t)
-    t.set_interrupt_line(irq)
+    pci.add(t, slot)
+    if gsi is not None:
+        t.set_interrupt_line(gsi)
     t.place(base)
     machine.devices[t.name] = t
     how = "MSI-X through KVM" if t.msix.gsis else "MSI-X"
+    intx = f"INTx GSI {gsi}" if gsi is not None else "no INTx (no irqchip)"
     return (f"virtio-pci 00:{slot:02x}.0: BAR0 {base:#x}-{base + BAR_SIZE - 1:#x} "
-            f"{how} ({t.msix.vectors} vectors), INTx IRQ {irq}")
+            f"{how} ({t.msix.vectors} vectors), {intx}")

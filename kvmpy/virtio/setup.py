@@ -4,7 +4,8 @@
 Layout (fixed and printed by ``--device-map``): virtio-mmio slot k at 0xd0000000 + k*0x1000
 with IRQ 5, 6, 7, 9, 10, 11 (kvmpy/virtio/mmio.py placement(): ISA IRQs the PC leaves free;
 8 is the RTC's, 12 the i8042 mouse's), announced to Linux as ``virtio_mmio.device=`` arguments;
-virtio-pci devices on bus 0 from slot 1 (kvmpy/virtio/pci.py).
+virtio-pci devices on bus 0 from slot 1 (kvmpy/virtio/pci.py), MSI-X, and INTA# on GSI 16-23
+(kvmpy/devices/pci.py intx_gsi; the MP table tells Linux).
 
 Each device gets its own I/O thread (``kvmpy-io-virtioK``) for its queue notifications and its
 backend: a disk busy in fdatasync() does not hold up the network or the console, as it would
