@@ -37,7 +37,7 @@ IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
 PCI_CONFIG_PORT = 0xCF8
-I8042_BASE, I8042_IRQ = 0x60, 1
+I8042_BASE, I8042_IRQ, I8042_AUX_IRQ = 0x60, 1, 12   # keyboard and AUX (mouse port) IRQs
 CMOS_BASE = 0x70
 POST_PORT = 0x80
 DEBUG_EXIT_PORT = 0xF4
@@ -137,7 +137,7 @@ class Machine:
                 lines.append(f"  00:{dev:02x}.{fn}  {vendor:04x}:{device:04x}  {f.name}")
         irqs = [f"  IRQ {COM1_IRQ}: COM1"] if self.vm.has_irqchip else []
         if self.vm.has_irqchip:
-            irqs.append(f"  IRQ {I8042_IRQ}: i8042")
+            irqs.append(f"  IRQ {I8042_IRQ}, {I8042_AUX_IRQ}: i8042 (keyboard, AUX)")
         lines += (["interrupts:"] + irqs) if irqs else []
         lines += self.device_map
         return "\n".join(lines)
@@ -158,7 +158,10 @@ class Machine:
 
         self.console = self.add_pio_device(
             Uart16550(name="COM1", sink=console_sink, irq=self.irq_line(COM1_IRQ)), COM1_BASE)
-        self.add_pio_device(I8042(irq_kbd=self.irq_line(I8042_IRQ)), I8042_BASE, "i8042")
+        # IRQ 12 too, though no mouse is attached: Linux tests AUX IRQ delivery with the loopback
+        # command and, when it does not come, waits 250 ms on every boot (no i8042.noaux)
+        self.add_pio_device(I8042(irq_kbd=self.irq_line(I8042_IRQ),
+                                  irq_aux=self.irq_line(I8042_AUX_IRQ)), I8042_BASE, "i8042")
         self.add_pio_device(CmosRtc(mem_size=self.memory.size), CMOS_BASE, "CMOS")
         self.add_pio_device(PostPort(), POST_PORT, "POST")
         self.add_pio_device(DebugExit(), DEBUG_EXIT_PORT, "debug-exit")

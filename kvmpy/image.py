@@ -49,7 +49,7 @@ from kvmpy.initramfs import CpioArchive, write_archive
 #:                     and reports as the end of the run; without it x86 tries ACPI first
 #:   panic=-1          reboot at once on a panic, so a dying guest ends the run instead of
 #:                     spinning until --timeout (the panic is on the console)
-#:   i8042.noaux       kvmpy's i8042 has no mouse (AUX) port: do not probe for one
+#:   i8042.noaux       no mouse sits on kvmpy's i8042 AUX port: do not probe for one
 #:   8250.nr_uarts=1   kvmpy has one UART: do not probe COM2-COM4 (each probe is a VM exit
 #:                     to an unclaimed port)
 from kvmpy.linux import DEFAULT_CMDLINE  # noqa: E402  (one definition, explained there)

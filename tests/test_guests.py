@@ -156,6 +156,14 @@ def test_uart_interrupt_through_irqchip(build_guest):
     assert p.stdout == b"waiting\nrx:a\nrx:b\n"
 
 
+def test_i8042_aux_interrupt_through_irqchip(build_guest):
+    """IRQ 12 is wired: Linux's AUX IRQ test passes, instead of costing every boot without
+    i8042.noaux 250 ms and the AUX port."""
+    p = kvmpy_run(build_guest("i8042_aux_irq"), "real", "--irqchip", "--timeout", "10")
+    assert p.returncode == 0x21, p.stderr
+    assert p.stdout == b"aux irq:a5\n"
+
+
 def test_console_input_without_interrupts(build_guest, tmp_path):
     # polling guest: stdin from a regular file (cannot be polled by epoll) reaches RBR too
     (tmp_path / "in.txt").write_bytes(b"abq")

@@ -21,7 +21,8 @@ What it deliberately does not model:
 - A mouse. Nothing is attached to the AUX port: a byte sent with 0xD4 is answered with 0xFE and
   the status timeout bit, as a controller with no device reports. 0xD3 (AUX loopback) works, so
   Linux's loopback tests pass; Linux then tests AUX IRQ delivery, which passes only if
-  ``irq_aux`` is wired (otherwise Linux waits 250 ms and drops the AUX port).
+  ``irq_aux`` is wired (otherwise Linux waits 250 ms and drops the AUX port; the builder wires
+  it to IRQ 12).
 - Scancode translation. Bytes given to ``feed_scancodes`` are delivered as they are: they are what
   the guest reads from port 0x60 (set 1 while CTR.XLATE is set, which is the default). Only the
   keyboard's own replies are translated, as the controller would (ID 0x83 -> 0x41, set numbers).
