@@ -972,18 +972,10 @@ def test_pci_interrupt_lines_are_shared_by_level():
 
 # -- on /dev/kvm: a guest notifies through an ioeventfd and takes the MSI ------------------------
 
-# Real mode with DS given a 4 GiB limit by the host ("unreal mode"), so 32-bit addresses reach
-# the LAPIC and BAR 0. The guest hooks vector 0x41 (the MSI-X data of queue 0's vector),
-# masks the 8259s, software-enables its LAPIC (SVR, Intel SDM vol. 3A 10.9: fixed interrupts
-# are dropped while it is disabled), notifies queue 0 with a 16-bit write (an ioeventfd: no
-# exit) and halts. The handler reports through isa-debug-exit (status = (0x21 << 1) | 1).
-GUEST = r"""
-        .code16
-        cli
-        xor %ax, %ax
-        mov %ax, %ds
-        movw $msi, 0x41 * 4
-        movw $0, 0x41 * 4 + 2
+# The real-mode guests below start so: the 8259s initialised and every line masked (only the
+# LAPIC delivers), and the LAPIC software-enabled (SVR, Intel SDM vol. 3A 10.9: fixed
+# interrupts are dropped while it is disabled).
+LAPIC_ONLY = r"""
         mov $0x11, %al                 /* 8259 ICW1..4, then mask every line */
         out %al, $0x20
         mov $0x08, %al
@@ -996,6 +988,21 @@ GUEST = r"""
         out %al, $0x21
         out %al, $0xa1
         addr32 movl $0x1ff, 0xfee000f0 /* LAPIC SVR: enabled, spurious vector 0xff */
+"""
+
+# Real mode with DS given a 4 GiB limit by the host ("unreal mode"), so 32-bit addresses reach
+# the LAPIC and BAR 0. The guest hooks vector 0x41 (the MSI-X data of queue 0's vector), masks
+# the 8259s and enables its LAPIC (LAPIC_ONLY), notifies queue 0 with a 16-bit write (an
+# ioeventfd: no exit) and halts. The handler reports through isa-debug-exit (status =
+# (0x21 << 1) | 1).
+GUEST = r"""
+        .code16
+        cli
+        xor %ax, %ax
+        mov %ax, %ds
+        movw $msi, 0x41 * 4
+        movw $0, 0x41 * 4 + 2
+""" + LAPIC_ONLY + r"""
         sti
         addr32 movw $0, 0xe0003000     /* queue 0 notify (BAR 0 + 0x3000) */
 1:      hlt
@@ -1020,18 +1027,7 @@ INTX_GUEST = r"""
         mov %ax, %ds
         movw $intx, 0x42 * 4
         movw $0, 0x42 * 4 + 2
-        mov $0x11, %al                 /* 8259 ICW1..4, then mask every line */
-        out %al, $0x20
-        mov $0x08, %al
-        out %al, $0x21
-        mov $0x04, %al
-        out %al, $0x21
-        mov $0x01, %al
-        out %al, $0x21
-        mov $0xff, %al
-        out %al, $0x21
-        out %al, $0xa1
-        addr32 movl $0x1ff, 0xfee000f0 /* LAPIC SVR: enabled, spurious vector 0xff */
+""" + LAPIC_ONLY + r"""
         /* IOAPIC redirection entry GSI_PIN (registers 0x10 + 2n, 0x11 + 2n; 82093AA 3.2.4):
            destination APIC 0; vector 0x42, level (bit 15), active low (bit 13), unmasked */
         addr32 movl $(0x11 + 2 * GSI_PIN), 0xfec00000

@@ -126,6 +126,24 @@ def _disk(tmp_path):
     return str(disk)
 
 
+def _interrupt_the_first_vcpu_join(monkeypatch) -> list:
+    """Make the next VcpuThread.join() send SIGINT to the main thread first (the Ctrl-C lands
+    in the join's wait). The returned list is non-empty once it did."""
+    from kvmpy.vcpu.runner import VcpuThread
+
+    main = threading.main_thread().ident
+    real_join = VcpuThread.join
+    sent = []
+
+    def join(self, timeout=None):
+        if not sent:
+            sent.append(1)
+            signal.pthread_kill(main, signal.SIGINT)
+        return real_join(self, timeout)
+    monkeypatch.setattr(VcpuThread, "join", join)
+    return sent
+
+
 @pytest.mark.parametrize("started", [False, True])
 def test_a_vm_nobody_holds_is_released(build_guest, tmp_path, started):
     """A VM dropped without close(): built and never entered (a Ctrl-C between ``kvmpy.VM()``
@@ -166,23 +184,12 @@ def test_a_second_ctrl_c_while_the_vm_closes(build_guest, tmp_path, monkeypatch)
     while it joins the vCPU thread, which takes its time to leave) used to end close() there,
     leaving the vCPU, the I/O thread, the fds and guest memory behind. Now the second one is
     raised once everything is released."""
-    from kvmpy.vcpu.runner import VcpuThread
-
     img, disk = build_guest("spin"), _disk(tmp_path)
     with kvmpy.VM(image=img, mode="real", disks=[disk]) as vm:   # warm up
         vm.stop()
     before = counts()
     main = threading.main_thread().ident
-    real_join = VcpuThread.join
-    sent = []
-
-    def join(self, timeout=None):
-        if not sent:
-            sent.append(1)
-            signal.pthread_kill(main, signal.SIGINT)   # the second Ctrl-C, during the join
-            time.sleep(0.1)
-        return real_join(self, timeout)
-    monkeypatch.setattr(VcpuThread, "join", join)
+    sent = _interrupt_the_first_vcpu_join(monkeypatch)
     threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
         with kvmpy.VM(image=img, mode="real", disks=[disk]) as vm:
@@ -198,28 +205,18 @@ def test_ctrl_c_while_a_machine_closes_is_raised_after_its_threads_end(build_gue
     the fds and guest memory must not go while the thread runs."""
     from kvmpy.builder import FlatConfig, build_flat
     from kvmpy.vcpu.modes import Mode
-    from kvmpy.vcpu.runner import VcpuThread
 
     img = build_guest("spin")
     cfg = FlatConfig(img, Mode.REAL, mem_size=16 << 20, console_sink=lambda b: None)
     with build_flat(cfg) as m:   # warm up
         m.start(m.setup)
     before = counts()
-    main = threading.main_thread().ident
-    real_join = VcpuThread.join
-    sent = []
-
-    def join(self, timeout=None):
-        if not sent:
-            sent.append(1)
-            signal.pthread_kill(main, signal.SIGINT)   # raised in the wait below, before
-        return real_join(self, timeout)
     m = build_flat(cfg)
     m.start(m.setup)
     time.sleep(0.1)
     slow_exit = m.vcpu_threads[0].on_exit
     m.vcpu_threads[0].on_exit = lambda outcome: (time.sleep(0.3), slow_exit(outcome))
-    monkeypatch.setattr(VcpuThread, "join", join)
+    sent = _interrupt_the_first_vcpu_join(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         m.close()
     monkeypatch.undo()
