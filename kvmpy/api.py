@@ -213,7 +213,7 @@ class VM:
             # when it is collected, or at interpreter exit: its I/O threads run from here on,
             # and they hold the machine, not this object. Nothing the machine owns may refer
             # back to this object, or it would never be collected.
-            self._release = weakref.finalize(self, _release, self._machine, self._trace_file)
+            self._release = weakref.finalize(self, _collected, self._machine, self._trace_file)
             machine = self._machine
             # where typed input goes: COM1, or the guest's hvc0 when there is a virtio console
             self.console.uart = machine.input_device or machine.console
@@ -316,11 +316,25 @@ class VM:
                 outcome = m.wait(5)
                 self._result = ExitResult(outcome, m.dispatcher.exit_counts())
         finally:                             # a second Ctrl-C in wait() releases all the same
-            if self._release is not None:
-                self._release()              # runs _release() once, whoever calls first
-            else:                            # the machine was never built
+            # detach() hands over the finalizer's work once, whoever comes first
+            args = self._release.detach() if self._release is not None else None
+            if args is not None:
+                _release(*args[2])
+            elif self._release is None:      # the machine was never built
                 _release(m, self._trace_file)
             self._trace_file = None
+
+
+def _collected(machine, trace_file) -> None:
+    """The finalizer of a VM nobody holds. The cyclic garbage collector runs it in whichever
+    thread allocates at the time, often one of this very VM's vCPU or I/O threads, which cannot
+    join itself and whose guest memory must not be unmapped under it: off the main thread the
+    release runs in a thread of its own."""
+    if threading.current_thread() is threading.main_thread():
+        _release(machine, trace_file)
+    else:
+        threading.Thread(target=_release, args=(machine, trace_file), name="kvmpy-release",
+                         daemon=True).start()
 
 
 def _release(machine, trace_file) -> None:

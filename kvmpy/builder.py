@@ -300,7 +300,10 @@ class Machine:
             self._all_set_up.abort()   # vCPUs still waiting for the others to be set up
         for t in self._threads:
             t.stop()
+        me = threading.current_thread()
         for t in self._threads:
+            if t._thread is me:      # stopped (it leaves when this exit returns); cannot join
+                continue
             while not t.join(0.5):   # a vCPU in a long guest instruction: kick again
                 t.stop()
 
@@ -308,9 +311,22 @@ class Machine:
         # A Ctrl-C in the middle (a second one, while the first stops the VM) would leave
         # vCPU threads unjoined, or running, while their fds close and guest memory is unmapped
         # under them; it is raised when everything is released. Stopping is bounded: vCPUs are
-        # kicked out of KVM_RUN every 0.5 s until they leave.
-        with sigint_deferred():
-            self._stack.close()
+        # kicked out of KVM_RUN every 0.5 s until they leave. One already pending is raised as
+        # the section begins (sigint_deferred): then the release is still to do.
+        interrupted = None
+        while True:
+            begun = False
+            try:
+                with sigint_deferred():
+                    begun = True
+                    self._stack.close()
+            except KeyboardInterrupt as e:
+                interrupted = e
+                if not begun:
+                    continue
+            break
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> "Machine":
         return self

@@ -1,8 +1,10 @@
 """kvmpy.VM: the scripting API test rigs use."""
+import contextlib
 import gc
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 
@@ -163,6 +165,61 @@ def test_a_vm_nobody_holds_is_released(build_guest, tmp_path, started):
     assert counts() == before
 
 
+def test_a_vm_collected_in_its_own_vcpu_thread_is_released(build_guest, tmp_path):
+    """A VM in a reference cycle is freed by the cyclic collector in whichever thread runs it,
+    here its own vCPU thread (a review helper's case): the release must not join that thread
+    or unmap guest memory under it."""
+    img, disk = build_guest("spin"), _disk(tmp_path)
+    with kvmpy.VM(image=img, mode="real", disks=[disk]) as vm:   # warm up
+        vm.stop()
+    before = counts()
+    vm = kvmpy.VM(image=img, mode="real", disks=[disk]).start()
+    vm.console.expect("spinning")
+    vm.me = vm                                   # a cycle: only the collector frees it
+    vcpu = vm.machine.vcpu_threads[0]
+    del vm
+    errors = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, threading, "excepthook", threading.excepthook)
+        stack.callback(setattr, sys, "unraisablehook", sys.unraisablehook)
+        threading.excepthook = sys.unraisablehook = errors.append   # a finalizer's error too
+        vcpu.call(lambda v: gc.collect())
+        deadline = time.monotonic() + 10
+        while counts() != before and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert counts() == before and not errors
+
+
+def test_a_ctrl_c_pending_as_a_machine_closes_does_not_skip_the_release(build_guest,
+                                                                         monkeypatch):
+    """``signal.signal`` runs a pending handler as sigint_deferred() begins, so the
+    KeyboardInterrupt comes before anything is released; close() must still release."""
+    import kvmpy.builder
+    from kvmpy.builder import FlatConfig, build_flat
+    from kvmpy.vcpu.modes import Mode
+
+    cfg = FlatConfig(build_guest("spin"), Mode.REAL, mem_size=16 << 20,
+                     console_sink=lambda b: None)
+    with build_flat(cfg) as m:   # warm up
+        m.start(m.setup)
+    before = counts()
+    m = build_flat(cfg)
+    m.start(m.setup)
+    real = kvmpy.builder.sigint_deferred
+    calls = []
+
+    def pending_first(*a):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt          # as a handler run at the section's start would
+        return real(*a)
+    monkeypatch.setattr(kvmpy.builder, "sigint_deferred", pending_first)
+    with pytest.raises(KeyboardInterrupt):
+        m.close()
+    monkeypatch.undo()
+    assert len(calls) == 2 and counts() == before
+
+
 def test_ctrl_c_inside_vm_init_after_the_machine_is_built(build_guest, tmp_path, monkeypatch):
     img, disk = build_guest("spin"), _disk(tmp_path)
     with kvmpy.VM(image=img, mode="real", disks=[disk]) as vm:   # warm up
@@ -190,9 +247,9 @@ def test_a_second_ctrl_c_while_the_vm_closes(build_guest, tmp_path, monkeypatch)
     before = counts()
     main = threading.main_thread().ident
     sent = _interrupt_the_first_vcpu_join(monkeypatch)
-    threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
         with kvmpy.VM(image=img, mode="real", disks=[disk]) as vm:
+            threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
             vm.console.expect("never printed", timeout=30)   # the first Ctrl-C lands here
     monkeypatch.undo()
     assert sent

@@ -257,7 +257,8 @@ class HostBridge(PciFunction):
 # Where INTx pins go: IOAPIC pins 16-23, which no ISA IRQ uses (KVM_CREATE_IRQCHIP's default
 # routing sends GSI 16-23 to the IOAPIC only, arch/x86/kvm/irq_comm.c), as on QEMU's q35. The
 # guest learns the wiring from the MP table's PCI entries (kvmpy/mptable.py); the lines are
-# level-triggered and may be shared by several functions (PCI 3.0, 2.2.6).
+# level-triggered and may be shared by several functions (PCI 3.0, 2.2.6). The 8259s do not
+# see them: a guest without its IOAPIC (Linux's noapic) has virtio-pci through MSI-X only.
 INTX_GSIS = range(16, 24)
 
 
@@ -302,15 +303,17 @@ class PciBus:
         # (device, pin, GSI) of every wired INTx pin: what the MP table tells the guest
         self.intx_routes: list[tuple[int, int, int]] = []
         self._intx_lines: dict[int, SharedLevelLine] = {}
+        self._wired: dict[int, tuple[int, int]] = {}   # device -> (pin, GSI), until add()
 
     def wire_intx(self, device: int, pin: int, set_gsi_level) -> tuple[int, object]:
         """Wire INTx ``pin`` of ``device`` to its GSI (:func:`intx_gsi`). ``set_gsi_level(gsi)``
-        gives the GSI's ``level`` setter. Returns the GSI and the function's ``irq(level)``."""
+        gives the GSI's ``level`` setter. Returns the GSI and the function's ``irq(level)``.
+        The route is announced (``intx_routes``) once the function is :meth:`add`-ed there."""
         gsi = intx_gsi(device, pin)
         line = self._intx_lines.get(gsi)
         if line is None:
             line = self._intx_lines[gsi] = SharedLevelLine(set_gsi_level(gsi))
-        self.intx_routes.append((device, pin, gsi))
+        self._wired[device] = (pin, gsi)
         return gsi, line.source()
 
     def free_device(self) -> int:
@@ -326,6 +329,8 @@ class PciBus:
         if not (0 <= device < 32 and 0 <= fn < 8) or (device, fn) in self.functions:
             raise ValueError(f"PCI slot {device}.{fn} is taken or invalid")
         self.functions[(device, fn)] = function
+        if fn == 0 and device in self._wired:
+            self.intx_routes.append((device, *self._wired.pop(device)))
         return device
 
 

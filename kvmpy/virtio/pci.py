@@ -619,8 +619,8 @@ def add_to_machine(machine, device: VirtioDevice, iothread) -> str:
                   name=f"virtio{k}")
     machine._stack.callback(t.close)
     pci.add(t, slot)
-    if gsi is not None:
-        t.set_interrupt_line(gsi)
+    # Interrupt Line: the GSI, or 0xFF, "unknown or no connection" (PCI 3.0, 6.2.4)
+    t.set_interrupt_line(gsi if gsi is not None else 0xFF)
     t.place(base)
     machine.devices[t.name] = t
     how = "MSI-X through KVM" if t.msix.gsis else "MSI-X"
