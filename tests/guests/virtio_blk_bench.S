@@ -203,12 +203,7 @@ found:  mov %rbx, %rbp
         cmpl $QS, 0x034(%rbp)           /* QueueNumMax */
         jb nodev
         movl $QS, 0x038(%rbp)           /* QueueNum */
-        movl $DESC, 0x080(%rbp)
-        movl $0, 0x084(%rbp)
-        movl $AVAIL, 0x090(%rbp)
-        movl $0, 0x094(%rbp)
-        movl $USED, 0x0a0(%rbp)
-        movl $0, 0x0a4(%rbp)
+        VIRTIO_MMIO_QUEUE_ADDRS %rbp, DESC, AVAIL, USED
         movw $(1 - IRQ), AVAIL          /* VIRTQ_AVAIL_F_NO_INTERRUPT when completions are polled */
         movl $1, 0x044(%rbp)            /* QueueReady */
         movl $0xf, 0x070(%rbp)          /* | DRIVER_OK */

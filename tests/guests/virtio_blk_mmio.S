@@ -29,12 +29,7 @@
         jz fail
         movl $0, 0x030(%rbx)            /* QueueSel 0 */
         movl $8, 0x038(%rbx)            /* QueueNum 8 */
-        movl $DESC, 0x080(%rbx)
-        movl $0, 0x084(%rbx)
-        movl $AVAIL, 0x090(%rbx)
-        movl $0, 0x094(%rbx)
-        movl $USED, 0x0a0(%rbx)
-        movl $0, 0x0a4(%rbx)
+        VIRTIO_MMIO_QUEUE_ADDRS %rbx, DESC, AVAIL, USED
         movl $1, 0x044(%rbx)            /* QueueReady */
         movl $0xf, 0x070(%rbx)          /* | DRIVER_OK */
 
