@@ -73,6 +73,9 @@ class Machine:
         self._outcome_lock = threading.Lock()
         # called once with the outcome when the guest ends (from the thread that ended it)
         self.on_finish: list[Callable[[Outcome], None]] = []
+        # console output to host fds: cancelled when the machine finishes or closes, closed
+        # once its threads have stopped (StreamSink)
+        self._output_sinks: list[StreamSink] = []
         try:
             self.kvm = self._stack.enter_context(Kvm(kvm_path))
             self.vm = self._stack.enter_context(self.kvm.create_vm())
@@ -158,6 +161,8 @@ class Machine:
 
         self.console = self.add_pio_device(
             Uart16550(name="COM1", sink=console_sink, irq=self.irq_line(COM1_IRQ)), COM1_BASE)
+        if isinstance(console_sink, StreamSink):   # a write it waits in must not outlive the VM
+            self._output_sinks.append(console_sink)
         # IRQ 12 too, though no mouse is attached: Linux tests AUX IRQ delivery with the loopback
         # command and, when it does not come, waits 250 ms on every boot (no i8042.noaux)
         self.add_pio_device(I8042(irq_kbd=self.irq_line(I8042_IRQ),
@@ -231,6 +236,8 @@ class Machine:
             if first:
                 self._outcome = outcome
         self._done.set()
+        for sink in self._output_sinks:
+            sink.cancel()
         for t in self._threads:
             t.stop()
         if first:
@@ -313,6 +320,8 @@ class Machine:
         # under them; it is raised when everything is released. Stopping is bounded: vCPUs are
         # kicked out of KVM_RUN every 0.5 s until they leave. One already pending is raised as
         # the section begins (sigint_deferred): then the release is still to do.
+        for sink in self._output_sinks:   # a vCPU or I/O thread may wait in a write
+            sink.cancel()
         interrupted = None
         while True:
             begun = False
@@ -320,6 +329,8 @@ class Machine:
                 with sigint_deferred():
                     begun = True
                     self._stack.close()
+                    for sink in self._output_sinks:   # every thread that wrote has ended
+                        sink.close()
             except KeyboardInterrupt as e:
                 interrupted = e
                 if not begun:
@@ -414,10 +425,120 @@ def setup_vcpu(vcpu, memory, mode: Mode, entry: int) -> None:
     setup_mode(vcpu, memory, mode, entry)
 
 
-def stdout_sink(fd: int = 1) -> Callable[[bytes], None]:
-    def sink(data: bytes) -> None:
+class StreamSink:
+    """Guest console output (COM1, hvc0) to a host fd, normally stdout.
+
+    Output waits for a reader that is slow, as a terminal's or a pipe's would: the guest's OUT
+    to THR (or the virtio-console I/O thread) returns once its bytes are written. It never
+    waits for good, though. A reader that stopped reading (``kvmpy boot | less`` paging, a
+    harness that ignores stdout, a terminal that stopped drawing) used to block the vCPU
+    thread inside write(2). Then ``--timeout``, Ctrl-C and Ctrl-A x could not end the VM,
+    because each waits for the vCPU threads to leave.
+
+    So the sink writes through a non-blocking open file description of its own, made by
+    opening the fd's file again (/proc/self/fd/N). On EAGAIN it waits for POLLOUT in slices
+    of POLL_SLICE seconds, and after :meth:`cancel` (the machine is ending) it drops what is
+    left. The fd's own flags are never changed, because that description is shared with the
+    shell: QEMU's stdio chardev sets O_NONBLOCK on it and leaves the terminal so.
+    - Regular files never block and are written directly.
+    - An fd that cannot be opened again (a socket) is polled before each write. A write that
+      is larger than the room the poll promised may still wait there.
+    - A closed reader (EPIPE, EBADF) drops the output without stopping the guest.
+    The machine that uses the sink calls :meth:`close` once its threads have stopped.
+    """
+
+    POLL_SLICE = 0.05
+    CHUNK = 65536
+
+    def __init__(self, fd: int = 1):
+        self.fd = fd
+        self.cancelled = False
+        self._lock = threading.Lock()
+        self._wfd: int | None = None      # the description written through; opened lazily
+        self._poll = None                 # polls _wfd for POLLOUT
+        self._poll_first = False          # no description of our own: poll before writing
+        self._slice_ms = int(self.POLL_SLICE * 1000)
+
+    def _open(self) -> int:
+        import stat
+
         try:
-            os.write(fd, data)
-        except OSError:   # a closed stdout must not stop the guest
-            pass
-    return sink
+            st = os.fstat(self.fd)
+        except OSError:
+            return self.fd                # writes fail and are dropped
+        if stat.S_ISREG(st.st_mode):
+            return self.fd
+        wfd = self.fd
+        try:
+            new = os.open(f"/proc/self/fd/{self.fd}",
+                          os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            new = None
+        if new is not None:
+            if os.path.samestat(os.fstat(new), st):
+                wfd = new
+            else:                         # not the same file after all: keep to the fd
+                os.close(new)
+        self._poll_first = wfd == self.fd
+        return wfd
+
+    def _wait_for_room(self, wfd: int) -> bool:
+        """poll(2) ``wfd`` for POLLOUT for up to POLL_SLICE seconds."""
+        if self._poll is None:            # first time the reader lags: not on the fast path
+            import select
+
+            self._poll = select.poll()
+            self._poll.register(wfd, select.POLLOUT)
+        return bool(self._poll.poll(self._slice_ms))
+
+    def cancel(self) -> None:
+        """The VM is ending: drop output from now on, including a write that is waiting."""
+        self.cancelled = True
+
+    def close(self) -> None:
+        """Close the description of our own (when no thread can write any more)."""
+        self.cancelled = True
+        with self._lock:
+            wfd, self._wfd = self._wfd, None
+        if wfd is not None and wfd != self.fd:
+            os.close(wfd)
+
+    def __call__(self, data: bytes) -> None:
+        wfd = self._wfd
+        if wfd is None:
+            with self._lock:
+                if self.cancelled:
+                    return
+                if self._wfd is None:
+                    self._wfd = self._open()
+                wfd = self._wfd
+        if not self._poll_first:   # the usual case, one write (per UART byte: keep it short)
+            try:
+                n = os.write(wfd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:        # a closed stdout must not stop the guest
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+        self._write_rest(wfd, memoryview(data))
+
+    def _write_rest(self, wfd: int, view: memoryview) -> None:
+        """Write ``view``, waiting for room in POLL_SLICE slices until cancelled."""
+        while view and not self.cancelled:
+            if self._poll_first and not self._wait_for_room(wfd):
+                continue
+            try:
+                n = os.write(wfd, view[:self.CHUNK])
+            except BlockingIOError:           # the reader is not reading: wait for room
+                if not self._poll_first:          # (otherwise the loop's top waits)
+                    self._wait_for_room(wfd)
+                continue
+            except OSError:
+                return
+            view = view[n:]
+
+
+def stdout_sink(fd: int = 1) -> StreamSink:
+    return StreamSink(fd)

@@ -15,8 +15,27 @@ from kvmpy.api import ConsoleTimeout
 from kvmpy.errors import KvmpyError
 
 
+VM_RAM = 256 << 20    # kvmpy.VM's default mem="256M"
+
+
+def vm_mappings() -> int:
+    """Mappings that only a VM holds: each vCPU's kvm_run area (a map of its vCPU fd, named
+    anon_inode:kvm-vcpu:N) and guest RAM. RAM is an anonymous map that the kernel may merge
+    with a neighbour, so it is found by size: nothing else in this process maps 256 MiB or
+    more (glibc's malloc arenas are 64 MiB)."""
+    n = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            start, end = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+            if "anon_inode:kvm-vcpu" in line or end - start >= VM_RAM:
+                n += 1
+    return n
+
+
 def counts():
-    return len(os.listdir("/proc/self/fd")), threading.active_count()
+    """fds, threads and the VM mappings of this process: equal before and after a VM means it
+    left nothing behind."""
+    return len(os.listdir("/proc/self/fd")), threading.active_count(), vm_mappings()
 
 
 def test_console_expect_and_sendline(build_guest):
@@ -159,7 +178,8 @@ def test_a_vm_nobody_holds_is_released(build_guest, tmp_path, started):
     if started:
         vm.start()
         vm.console.expect("spinning")
-    assert counts() != before
+    fds, threads, maps = counts()   # vCPUs are created (and their kvm_run mapped) by start()
+    assert fds > before[0] and threads > before[1] and maps == before[2] + 1 + started
     del vm
     gc.collect()
     assert counts() == before

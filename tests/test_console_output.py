@@ -1,0 +1,183 @@
+"""Guest console output to a host fd (kvmpy.builder.StreamSink): it waits for a slow reader and
+loses nothing, but a reader that stopped reading never keeps the VM from ending (--timeout,
+Ctrl-C, Ctrl-A x)."""
+import fcntl
+import os
+import pty
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from kvmpy.builder import StreamSink
+
+# COM1 output as fast as the guest can go, without waiting for THRE (the UART takes every byte)
+SPAM = """
+        .code16
+        mov $COM1, %dx
+1:      mov $'x', %al
+        out %al, %dx
+        jmp 1b
+"""
+
+DATA = bytes(range(256)) * 1024      # 256 KiB: four times a pipe's default capacity
+
+
+def _reader(fd, delay, out):
+    time.sleep(delay)                 # the writer fills the pipe and waits meanwhile
+    while chunk := os.read(fd, 65536):
+        out.append(chunk)
+        time.sleep(0.001)             # a slow reader: the writer keeps waiting for room
+
+
+@pytest.mark.parametrize("nonblocking", [False, True])
+def test_a_slow_reader_gets_every_byte(nonblocking):
+    """Partial writes are continued and, on an fd someone else made non-blocking, EAGAIN is
+    waited out (the sink used to drop the rest of both)."""
+    r, w = os.pipe()
+    if nonblocking:
+        fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)
+    got = []
+    t = threading.Thread(target=_reader, args=(r, 0.3, got))
+    t.start()
+    try:
+        sink = StreamSink(w)
+        sink(DATA)
+        sink(b"end")
+        sink.close()                  # its own description of the pipe: EOF needs it closed
+    finally:
+        os.close(w)
+        t.join(10)
+        os.close(r)
+    assert b"".join(got) == DATA + b"end"
+
+
+def test_cancel_ends_a_write_that_waits_for_a_reader():
+    r, w = os.pipe()
+    sink = StreamSink(w)
+    t = threading.Thread(target=sink, args=(DATA,))
+    try:
+        t.start()
+        t.join(0.5)
+        assert t.is_alive(), "the pipe is full: the write should be waiting"
+        cancelled = time.monotonic()
+        sink.cancel()
+        t.join(5)
+        assert not t.is_alive()
+        assert time.monotonic() - cancelled < 1.0
+        sink(b"more")                 # dropped at once: nobody waits after cancel
+        sink.close()
+    finally:
+        os.close(w)
+        os.close(r)
+
+
+def test_a_closed_reader_drops_output_without_stopping_the_guest():
+    r, w = os.pipe()
+    os.close(r)
+    sink = StreamSink(w)
+    sink(DATA)                        # EPIPE (SIGPIPE is ignored by Python): dropped
+    sink.close()
+    os.close(w)
+
+
+def _kvmpy_run(image, stdout, *extra):
+    return subprocess.Popen([sys.executable, "-m", "kvmpy", "run", image, "--mode", "real",
+                             *extra], stdin=subprocess.DEVNULL, stdout=stdout,
+                            stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("how", ["timeout", "ctrl-c"])
+def test_a_stdout_nobody_reads_does_not_keep_the_vm_from_ending(build_guest, how):
+    """``kvmpy run ... | less`` with less paging, or a harness that never reads stdout: the
+    guest fills the pipe and its vCPU waits in the write. The VM used to hang there for good,
+    --timeout and Ctrl-C included (each waits for the vCPU thread to leave)."""
+    image = build_guest("stdout_spam", source=SPAM)
+    r, w = os.pipe()
+    extra = ["--timeout", "1"] if how == "timeout" else ["--timeout", "60"]
+    p = _kvmpy_run(image, w, *extra)
+    os.close(w)
+    try:
+        if how == "ctrl-c":
+            time.sleep(1.5)           # started, pipe full, vCPU waiting in the write
+            p.send_signal(signal.SIGINT)
+        status = p.wait(timeout=20)
+        err = p.stderr.read().decode()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+        os.close(r)
+    assert status == (124 if how == "timeout" else 130), err
+
+
+def test_ctrl_a_x_ends_a_vm_whose_terminal_is_not_read(build_guest):
+    """A pty whose other side is not reading (a terminal that stopped drawing): the guest's
+    output fills it, and Ctrl-A x typed on it must still end the VM."""
+    image = build_guest("stdout_spam", source=SPAM)
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", image, "--mode", "real",
+                          "--timeout", "60"], stdin=slave, stdout=slave,
+                         stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.5)               # raw mode set, output buffer full, vCPU waiting
+        os.write(master, b"\x01x")
+        status = p.wait(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+        os.close(master)
+        os.close(slave)
+    assert status == 0
+
+
+def test_a_socket_is_polled_before_each_write():
+    """A socket cannot be opened again through /proc: the sink polls the fd itself."""
+    import socket
+
+    a, b = socket.socketpair()
+    got = []
+    t = threading.Thread(target=_reader, args=(b.fileno(), 0.3, got))
+    t.start()
+    try:
+        sink = StreamSink(a.fileno())
+        sink(DATA)
+        sink.close()
+        a.shutdown(socket.SHUT_WR)
+        t.join(10)
+    finally:
+        a.close()
+        b.close()
+    assert b"".join(got) == DATA
+
+
+def test_a_machine_closes_the_sinks_description_and_leaves_the_fd_as_it_was(build_guest):
+    from kvmpy.builder import FlatConfig, build_flat
+    from kvmpy.vcpu.modes import Mode
+
+    image = build_guest("uart_hello")
+    r, w = os.pipe()
+    flags = fcntl.fcntl(w, fcntl.F_GETFL)
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        with build_flat(FlatConfig(image, Mode.REAL, console_sink=StreamSink(w))) as m:
+            m.start(m.setup)
+            assert m.wait(10).status == 0x21
+            assert len(os.listdir("/proc/self/fd")) > fds   # KVM fds, and the sink's own
+        assert len(os.listdir("/proc/self/fd")) == fds
+        assert fcntl.fcntl(w, fcntl.F_GETFL) == flags          # still blocking
+        os.close(w)
+        w = None
+        with os.fdopen(r, "rb") as f:
+            r = None
+            assert f.read() == b"hello from a real-mode guest\na5\n"
+    finally:
+        for fd in (r, w):
+            if fd is not None:
+                os.close(fd)
