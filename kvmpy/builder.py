@@ -161,8 +161,8 @@ class Machine:
 
         self.console = self.add_pio_device(
             Uart16550(name="COM1", sink=console_sink, irq=self.irq_line(COM1_IRQ)), COM1_BASE)
-        if isinstance(console_sink, StreamSink):   # a write it waits in must not outlive the VM
-            self._output_sinks.append(console_sink)
+        if isinstance(console_sink, StreamSink):
+            self.add_output_sink(console_sink)
         # IRQ 12 too, though no mouse is attached: Linux tests AUX IRQ delivery with the loopback
         # command and, when it does not come, waits 250 ms on every boot (no i8042.noaux)
         self.add_pio_device(I8042(irq_kbd=self.irq_line(I8042_IRQ),
@@ -170,6 +170,12 @@ class Machine:
         self.add_pio_device(CmosRtc(mem_size=self.memory.size), CMOS_BASE, "CMOS")
         self.add_pio_device(PostPort(), POST_PORT, "POST")
         self.add_pio_device(DebugExit(), DEBUG_EXIT_PORT, "debug-exit")
+
+    def add_output_sink(self, sink: "StreamSink") -> None:
+        """Output to a host fd that this machine's threads write (the console, ``--trace -``):
+        a write waiting for its reader is cancelled when the machine finishes or closes, and
+        the sink is closed once the threads have stopped."""
+        self._output_sinks.append(sink)
 
     def attach_console_input(self, fd: int, interactive: bool = False) -> None:
         """Feed host fd ``fd`` (stdin) to COM1 until the machine closes. ``interactive``: a
@@ -538,6 +544,23 @@ class StreamSink:
             except OSError:
                 return
             view = view[n:]
+
+
+class SinkWriter:
+    """A text file's write() over a :class:`StreamSink` (``--trace -`` to stderr)."""
+
+    def __init__(self, sink: StreamSink):
+        self.sink = sink
+
+    def write(self, text: str) -> int:
+        self.sink(text.encode())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.sink.close()
 
 
 def stdout_sink(fd: int = 1) -> StreamSink:

@@ -299,6 +299,8 @@ def _run_machine(build, nr_vcpus: int, args, tracer, trace_file, on_built=None) 
 
     try:
         with build() as machine:
+            if hasattr(trace_file, "sink"):      # --trace -: cancelled when the VM ends
+                machine.add_output_sink(trace_file.sink)
             if on_built is not None:
                 on_built(machine)
             if args.device_map:
@@ -314,8 +316,7 @@ def _run_machine(build, nr_vcpus: int, args, tracer, trace_file, on_built=None) 
     finally:
         if tracer is not None:
             tracer.close()
-            if trace_file is not sys.stderr:
-                trace_file.close()
+            trace_file.close()
     if outcome.reason not in (StopReason.DEBUG_EXIT, StopReason.HALT, StopReason.RESET,
                               StopReason.STOPPED):
         print(f"kvmpy: {outcome.detail}", file=sys.stderr)
@@ -355,8 +356,11 @@ def _open_tracer(args):
         from kvmpy.symbols import from_image
 
         symbols = from_image(args.kernel)        # None for a bzImage
-    if args.trace == "-":
-        return Tracer(sys.stderr, symbols=symbols), sys.stderr
+    if args.trace == "-":   # stderr through a StreamSink: a stalled reader cannot hang the VM
+        from kvmpy.builder import SinkWriter, stdout_sink
+
+        out = SinkWriter(stdout_sink(2))
+        return Tracer(out, symbols=symbols), out
     try:
         f = open(args.trace, "w")
     except OSError as e:

@@ -115,6 +115,49 @@ def test_a_stdout_nobody_reads_does_not_keep_the_vm_from_ending(build_guest, how
     assert status == (124 if how == "timeout" else 130), err
 
 
+def _kvm_fds(pid):
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return [t for t in fds if "kvm" in t]
+
+
+def test_a_trace_to_a_stderr_nobody_reads_does_not_keep_the_vm_from_ending(build_guest):
+    """``--trace -`` writes a JSON line per exit to stderr from the vCPU thread (``kvmpy run
+    ... --trace - 2>&1 | less``): the same wait as the console's, the same way out. kvmpy's own
+    last message then waits for the reader like any program's output, but by then the VM is
+    gone: no vCPU thread, no KVM fd."""
+    image = build_guest("stdout_spam", source=SPAM)
+    r, w = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", image, "--mode", "real",
+                          "--trace", "-", "--timeout", "1"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=w)
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            threads, kvm = len(os.listdir(f"/proc/{p.pid}/task")), _kvm_fds(p.pid)
+            if threads == 1 and not kvm:
+                break
+        assert (threads, kvm) == (1, []), "the VM is still there after its --timeout"
+        with os.fdopen(r, "rb") as f:
+            r = None
+            first = f.readline()
+            f.read()                  # the last message: now the process can end
+        assert p.wait(timeout=20) == 124
+        assert first.startswith(b"{") and b'"IO"' in first
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if r is not None:
+            os.close(r)
+
+
 def test_ctrl_a_x_ends_a_vm_whose_terminal_is_not_read(build_guest):
     """A pty whose other side is not reading (a terminal that stopped drawing): the guest's
     output fills it, and Ctrl-A x typed on it must still end the VM."""
