@@ -76,6 +76,7 @@ class Machine:
         # console output to host fds: cancelled when the machine finishes or closes, closed
         # once its threads have stopped (StreamSink)
         self._output_sinks: list[StreamSink] = []
+        self._threads_stopped = False   # _stop_threads joined every vCPU thread
         try:
             self.kvm = self._stack.enter_context(Kvm(kvm_path))
             self.vm = self._stack.enter_context(self.kvm.create_vm())
@@ -175,6 +176,7 @@ class Machine:
         """Output to a host fd that this machine's threads write (the console, ``--trace -``):
         a write waiting for its reader is cancelled when the machine finishes or closes, and
         the sink is closed once the threads have stopped."""
+        sink.start()
         self._output_sinks.append(sink)
 
     def attach_console_input(self, fd: int, interactive: bool = False) -> None:
@@ -319,6 +321,7 @@ class Machine:
                 continue
             while not t.join(0.5):   # a vCPU in a long guest instruction: kick again
                 t.stop()
+        self._threads_stopped = all(t._thread is not me for t in self._threads)
 
     def close(self) -> None:
         # A Ctrl-C in the middle (a second one, while the first stops the VM) would leave
@@ -334,9 +337,12 @@ class Machine:
             try:
                 with sigint_deferred():
                     begun = True
-                    self._stack.close()
-                    for sink in self._output_sinks:   # every thread that wrote has ended
-                        sink.close()
+                    try:
+                        self._stack.close()
+                    finally:
+                        if self._threads_stopped:   # no thread can write any more
+                            for sink in self._output_sinks:
+                                sink.close()
             except KeyboardInterrupt as e:
                 interrupted = e
                 if not begun:
@@ -441,16 +447,22 @@ class StreamSink:
     thread inside write(2). Then ``--timeout``, Ctrl-C and Ctrl-A x could not end the VM,
     because each waits for the vCPU threads to leave.
 
-    So the sink writes through a non-blocking open file description of its own, made by
-    opening the fd's file again (/proc/self/fd/N). On EAGAIN it waits for POLLOUT in slices
-    of POLL_SLICE seconds, and after :meth:`cancel` (the machine is ending) it drops what is
-    left. The fd's own flags are never changed, because that description is shared with the
-    shell: QEMU's stdio chardev sets O_NONBLOCK on it and leaves the terminal so.
-    - Regular files never block and are written directly.
-    - An fd that cannot be opened again (a socket) is polled before each write. A write that
-      is larger than the room the poll promised may still wait there.
-    - A closed reader (EPIPE, EBADF) drops the output without stopping the guest.
-    The machine that uses the sink calls :meth:`close` once its threads have stopped.
+    So the sink writes to a pipe or a terminal through a non-blocking open file description of
+    its own, made by opening the fd's file again (/proc/self/fd/N). On EAGAIN it waits for
+    POLLOUT in slices of POLL_SLICE seconds, and after :meth:`cancel` (the machine is ending)
+    it drops what is left. The fd's own flags are never changed, because that description is
+    shared with the shell: QEMU's stdio chardev sets O_NONBLOCK on it and leaves the terminal
+    so.
+    - Regular files never block and are written directly, keeping their offset and O_APPEND.
+    - Other fds (a socket, a pty master, which opening again would turn into a new pty) are
+      polled before each write. A write larger than the room the poll promised may still
+      wait there.
+    - A closed reader (EPIPE, EIO, EBADF) drops the output without stopping the guest, and so
+      does an fd that is no longer the file it was when the sink was made (stdout closed, its
+      number reused for /dev/kvm).
+    Writers (vCPU threads, an I/O thread) take turns: one writes its whole data before the
+    next. A machine uses the sink from :meth:`Machine.add_output_sink` on, and closes it once
+    its threads have stopped. One machine at a time.
     """
 
     POLL_SLICE = 0.05
@@ -459,37 +471,46 @@ class StreamSink:
     def __init__(self, fd: int = 1):
         self.fd = fd
         self.cancelled = False
-        self._lock = threading.Lock()
-        self._wfd: int | None = None      # the description written through; opened lazily
+        self._lock = threading.Lock()     # one writer at a time, in the order they came
+        self._wfd: int | None = None      # the fd written through; opened on the first write
         self._poll = None                 # polls _wfd for POLLOUT
-        self._poll_first = False          # no description of our own: poll before writing
+        self._poll_first = False          # not a description of our own: poll before writing
         self._slice_ms = int(self.POLL_SLICE * 1000)
+        try:
+            self._stat = os.fstat(fd)     # what the fd is now, before kvmpy opens anything
+        except OSError:
+            self._stat = None
 
-    def _open(self) -> int:
+    def _open(self) -> int | None:
+        """The fd to write through; None: drop the output (the fd is not ours any more)."""
         import stat
 
         try:
             st = os.fstat(self.fd)
         except OSError:
-            return self.fd                # writes fail and are dropped
-        if stat.S_ISREG(st.st_mode):
+            return None
+        if self._stat is None or not os.path.samestat(st, self._stat):
+            return None
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
             return self.fd
-        wfd = self.fd
+        self._poll_first = True
+        if not (stat.S_ISFIFO(mode) or (stat.S_ISCHR(mode) and os.isatty(self.fd)
+                                        and not _is_pty_master(self.fd))):
+            return self.fd
         try:
             new = os.open(f"/proc/self/fd/{self.fd}",
                           os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
-            new = None
-        if new is not None:
-            if os.path.samestat(os.fstat(new), st):
-                wfd = new
-            else:                         # not the same file after all: keep to the fd
-                os.close(new)
-        self._poll_first = wfd == self.fd
-        return wfd
+            return self.fd                # e.g. a FIFO whose reader is gone: EPIPE follows
+        if not os.path.samestat(os.fstat(new), st):
+            os.close(new)
+            return self.fd
+        self._poll_first = False
+        return new
 
     def _wait_for_room(self, wfd: int) -> bool:
-        """poll(2) ``wfd`` for POLLOUT for up to POLL_SLICE seconds."""
+        """poll(2) ``wfd`` for POLLOUT for up to POLL_SLICE seconds (writer lock held)."""
         if self._poll is None:            # first time the reader lags: not on the fast path
             import select
 
@@ -497,38 +518,43 @@ class StreamSink:
             self._poll.register(wfd, select.POLLOUT)
         return bool(self._poll.poll(self._slice_ms))
 
+    def start(self) -> None:
+        """A machine starts using the sink (after another one, perhaps): output flows."""
+        self.cancelled = False
+
     def cancel(self) -> None:
-        """The VM is ending: drop output from now on, including a write that is waiting."""
+        """The machine is ending: drop output from now on, including a write that waits."""
         self.cancelled = True
 
     def close(self) -> None:
-        """Close the description of our own (when no thread can write any more)."""
+        """Close the description of our own; called when no thread can write any more."""
         self.cancelled = True
         with self._lock:
-            wfd, self._wfd = self._wfd, None
-        if wfd is not None and wfd != self.fd:
+            wfd, self._wfd, self._poll, self._poll_first = self._wfd, None, None, False
+        if wfd is not None and wfd >= 0 and wfd != self.fd:   # (-1: output was dropped)
             os.close(wfd)
 
     def __call__(self, data: bytes) -> None:
-        wfd = self._wfd
-        if wfd is None:
-            with self._lock:
-                if self.cancelled:
+        with self._lock:
+            if self.cancelled:
+                return
+            wfd = self._wfd
+            if wfd is None:
+                opened = self._open()
+                wfd = self._wfd = -1 if opened is None else opened
+            if wfd < 0:
+                return
+            if not self._poll_first:   # the usual case: one write (per UART byte: keep it short)
+                try:
+                    n = os.write(wfd, data)
+                except BlockingIOError:
+                    n = 0
+                except OSError:        # a closed stdout must not stop the guest
                     return
-                if self._wfd is None:
-                    self._wfd = self._open()
-                wfd = self._wfd
-        if not self._poll_first:   # the usual case, one write (per UART byte: keep it short)
-            try:
-                n = os.write(wfd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError:        # a closed stdout must not stop the guest
-                return
-            if n == len(data):
-                return
-            data = data[n:]
-        self._write_rest(wfd, memoryview(data))
+                if n == len(data):
+                    return
+                data = data[n:]
+            self._write_rest(wfd, memoryview(data))
 
     def _write_rest(self, wfd: int, view: memoryview) -> None:
         """Write ``view``, waiting for room in POLL_SLICE slices until cancelled."""
@@ -544,6 +570,18 @@ class StreamSink:
             except OSError:
                 return
             view = view[n:]
+
+
+def _is_pty_master(fd: int) -> bool:
+    """TIOCGPTN (asm-generic/ioctls.h: _IOR('T', 0x30, unsigned int)) works on a pty master
+    only. Opening a master's /proc/self/fd link opens /dev/ptmx: a new pty, not this one."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(fd, 0x80045430, b"\0\0\0\0")
+    except OSError:
+        return False
+    return True
 
 
 class SinkWriter:

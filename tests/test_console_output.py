@@ -158,9 +158,12 @@ def test_a_trace_to_a_stderr_nobody_reads_does_not_keep_the_vm_from_ending(build
             os.close(r)
 
 
-def test_ctrl_a_x_ends_a_vm_whose_terminal_is_not_read(build_guest):
+@pytest.mark.parametrize("typed_first", [b"", b"a"])
+def test_ctrl_a_x_ends_a_vm_whose_terminal_is_not_read(build_guest, typed_first):
     """A pty whose other side is not reading (a terminal that stopped drawing): the guest's
-    output fills it, and Ctrl-A x typed on it must still end the VM."""
+    output fills it, and Ctrl-A x typed on it must still end the VM, also after other keys
+    (the input thread feeding them used to wait for the UART lock, which the waiting output
+    held)."""
     image = build_guest("stdout_spam", source=SPAM)
     master, slave = pty.openpty()
     p = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", image, "--mode", "real",
@@ -168,6 +171,9 @@ def test_ctrl_a_x_ends_a_vm_whose_terminal_is_not_read(build_guest):
                          stderr=subprocess.PIPE)
     try:
         time.sleep(1.5)               # raw mode set, output buffer full, vCPU waiting
+        if typed_first:
+            os.write(master, typed_first)
+            time.sleep(0.5)
         os.write(master, b"\x01x")
         status = p.wait(timeout=20)
     finally:
@@ -220,6 +226,93 @@ def test_a_machine_closes_the_sinks_description_and_leaves_the_fd_as_it_was(buil
         with os.fdopen(r, "rb") as f:
             r = None
             assert f.read() == b"hello from a real-mode guest\na5\n"
+    finally:
+        for fd in (r, w):
+            if fd is not None:
+                os.close(fd)
+
+
+def test_writers_take_turns_on_a_full_pipe():
+    """COM1 (a vCPU thread) and hvc0 (an I/O thread) share the sink: two writers waiting for
+    room at once used to make the second one's poll() raise RuntimeError (one poll object)."""
+    r, w = os.pipe()
+    a, b = b"A" * len(DATA), b"B" * len(DATA)
+    got, errors = [], []
+    reader = threading.Thread(target=_reader, args=(r, 0.3, got))
+    reader.start()
+    sink = StreamSink(w)
+
+    def write(data):
+        try:
+            sink(data)
+        except Exception as e:
+            errors.append(e)
+    writers = [threading.Thread(target=write, args=(d,)) for d in (a, b)]
+    try:
+        for t in writers:
+            t.start()
+        for t in writers:
+            t.join(10)
+        sink.close()
+    finally:
+        os.close(w)
+        reader.join(10)
+        os.close(r)
+    assert not errors
+    assert b"".join(got) in (a + b, b + a)      # each writer's data in one piece
+
+
+def test_a_pty_master_is_written_not_reopened():
+    """/proc/self/fd/N of a pty master is /dev/ptmx: opening it makes a new pty, and the
+    output went there."""
+    master, slave = pty.openpty()
+    try:
+        sink = StreamSink(master)
+        sink(b"through the master\n")
+        sink.close()
+        import select
+
+        assert select.select([slave], [], [], 2)[0], "nothing reached the pty"
+        assert os.read(slave, 100).replace(b"\r", b"") == b"through the master\n"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_an_fd_that_is_another_file_now_gets_nothing(tmp_path):
+    """stdout closed, and its number reused by a file kvmpy (or the program) opened since:
+    guest output must not land in that file."""
+    r, w = os.pipe()
+    sink = StreamSink(w)
+    os.close(w)
+    victim = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT)
+    try:
+        assert victim == w            # the lowest free number
+        sink(b"guest output")
+        sink.close()
+        assert os.path.getsize(tmp_path / "data") == 0
+    finally:
+        os.close(victim)
+        os.close(r)
+
+
+def test_a_sink_serves_one_machine_after_another(build_guest):
+    from kvmpy.builder import FlatConfig, build_flat
+    from kvmpy.vcpu.modes import Mode
+
+    image = build_guest("uart_hello")
+    r, w = os.pipe()
+    sink = StreamSink(w)
+    try:
+        for _ in range(2):
+            with build_flat(FlatConfig(image, Mode.REAL, console_sink=sink)) as m:
+                m.start(m.setup)
+                assert m.wait(10).status == 0x21
+        os.close(w)
+        w = None
+        with os.fdopen(r, "rb") as f:
+            r = None
+            assert f.read() == b"hello from a real-mode guest\na5\n" * 2
     finally:
         for fd in (r, w):
             if fd is not None:

@@ -7,7 +7,12 @@ MULTIPORT, SIZE or EMERG_WRITE), so the config space is not used (5.3.4).
 Host input arrives through :meth:`feed` (another thread) into a bounded buffer (64 KiB; what
 does not fit is refused, so a caller that must not lose input offers at most :meth:`rx_free`
 bytes, as kvmpy/console.py does for the UART) and is delivered into receive buffers as soon as
-the driver posts some. Guest output is not throttled beyond the sink's own pace.
+the driver posts some. Guest output is not throttled beyond the sink's own pace. It is handed
+to the sink after the device lock is released, under a transmit lock of its own and in ring
+order: a sink that waits for a slow reader then holds up transmitq only, not host input into
+receiveq (Ctrl-A x, typed keys). A notification takes up to TX_BATCH bytes before they are
+sent (the rest of the ring is left for the next round), so a guest cannot make kvmpy hold
+more than that.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from kvmpy.virtio.queue import DescriptorChain, Queue
 
 QUEUE_SIZE = 128
 RX_BUFFER_MAX = 64 * 1024
+TX_BATCH = 64 * 1024   # guest output taken per round before the sink gets it
+TX_CHAIN_MAX = 1 << 20   # of one transmit buffer; the rest of a longer one is not sent
 RECEIVEQ, TRANSMITQ = 0, 1
 
 
@@ -34,6 +41,8 @@ class VirtioConsole(VirtioDevice):
         self._pending_lock = threading.Lock()
         self.rx_dropped = 0
         self.tx_bytes = 0
+        self._tx = bytearray()               # output taken from transmitq, not yet sent
+        self._tx_lock = threading.Lock()     # around sink calls, without self.lock held
 
     # -- host side (any thread) ------------------------------------------------------------------
     def rx_free(self) -> int:
@@ -75,17 +84,43 @@ class VirtioConsole(VirtioDevice):
             q.add_used(chain.head, written)
 
     # -- guest side ------------------------------------------------------------------------------
+    def notify(self, index: int, poll: bool = False) -> bool:
+        more = super().notify(index, poll)
+        if self._tx:
+            self._send()
+        return more
+
+    def _send(self) -> None:
+        """Give the output taken so far to the sink, outside the device lock (see above)."""
+        with self._tx_lock:
+            with self.lock:
+                data = bytes(self._tx)
+                self._tx.clear()
+            if data and self.sink is not None:
+                with self.boundary(TRANSMITQ):
+                    self.sink(data)
+
     def process_queue(self, queue: Queue) -> bool:
         if queue.index == RECEIVEQ:   # new receive buffers: deliver what is waiting
             self._fill(queue)
             return False
-        return super().process_queue(queue)
+        pop, add_used = queue.pop, queue.add_used
+        try:
+            for _ in range(queue.size):
+                if len(self._tx) >= TX_BATCH:
+                    return True               # send these first; notify() comes back
+                chain = pop()
+                if chain is None:
+                    return False
+                add_used(chain.head, self.handle_request(queue, chain), False)
+            return True
+        finally:
+            queue.publish_used()
 
     def handle_request(self, queue: Queue, chain: DescriptorChain) -> int:
-        data = chain.read(0, min(chain.read_len, 1 << 20))
+        data = chain.read(0, min(chain.read_len, TX_CHAIN_MAX))
         self.tx_bytes += len(data)
-        if data and self.sink is not None:
-            self.sink(data)
+        self._tx += data
         return 0
 
     def on_reset(self) -> None:
