@@ -26,11 +26,12 @@ effects such as popping the FIFO to the register the guest named.)
 
 Threads: ``feed`` and ``rx_free`` run on a host thread, ``read``/``write`` on vCPU threads; one
 lock covers all state. ``irq`` is called with that lock held, so line changes keep their order.
-``sink`` is called after it is released, under a transmit lock of its own, with the bytes in
-the order the guest wrote them to THR: a sink that waits for a slow reader then holds up only
-the writing vCPU (as a real UART's full transmitter would), not host input, which is how
-Ctrl-A x reaches kvmpy while the console's reader is stalled. Neither may call back into this
-device.
+``sink`` is called after it is released, from the vCPU thread whose THR write it carries: a
+sink that waits for a slow reader then holds up only that vCPU (as a real UART's full
+transmitter would), not host input, which is how Ctrl-A x reaches kvmpy while the console's
+reader is stalled. So the sink must be thread-safe (two vCPUs may write THR at once; their
+OUTs are both still in progress then, so either order is one the guest allows). Neither may
+call back into this device.
 """
 from __future__ import annotations
 
@@ -111,6 +112,9 @@ FIFO_SIZE = 16          # "16 bytes (plus 3 bits of error data per byte in the R
 _NULL_MODEM = MSR_DCD | MSR_DSR | MSR_CTS
 
 
+_BYTE = tuple(bytes((i,)) for i in range(256))   # THR bytes for the sink, made once
+
+
 def _widen(byte: int, size: int) -> int:
     """An 8-bit register read with a ``size``-byte access: the byte, then 0xff in the others."""
     return byte | (((1 << (8 * max(size, 1))) - 1) & ~0xFF)
@@ -127,8 +131,7 @@ class Uart16550(BusDevice):
         self._sink = sink
         self._irq = irq
         self._lock = threading.Lock()
-        self._tx_lock = threading.Lock()   # around sink calls; taken without _lock held
-        self._tx = bytearray()             # THR bytes for the sink (under _lock)
+        self._tx: int | None = None    # the byte this THR write sends (under _lock)
         self.rx_dropped = 0     # bytes lost to a full RX FIFO (feed, loopback) or fed in loopback
         self.tx_errors = 0      # THR bytes the sink failed to take (it raised OSError)
         # Reset values: PC16550D "UART Reset Configuration" table.
@@ -192,22 +195,14 @@ class Uart16550(BusDevice):
                 return
             self._write_register(offset, value & 0xFF)
             self._update_irq()
-            if not self._tx:
+            byte = self._tx
+            if byte is None:
                 return
-        self._send()
-
-    def _send(self) -> None:
-        """Hand the transmitted bytes to the sink, outside the state lock (module docstring).
-        Whoever gets the transmit lock first sends every byte queued by then, in order."""
-        with self._tx_lock:
-            with self._lock:
-                data = bytes(self._tx)
-                self._tx.clear()
-            if data:
-                try:
-                    self._sink(data)
-                except OSError:
-                    self.tx_errors += len(data)
+            self._tx = None
+        try:                          # outside the state lock (module docstring)
+            self._sink(_BYTE[byte])
+        except OSError:
+            self.tx_errors += 1
 
     def register_name(self, offset: int, is_write: bool) -> str | None:
         dlab = bool(self._lcr & LCR_DLAB)
@@ -284,7 +279,7 @@ class Uart16550(BusDevice):
             # output is held marking, so nothing reaches the sink.
             self._receive(bytes((byte,)))
         elif self._sink is not None:
-            self._tx.append(byte)     # sent by write() once the state lock is released
+            self._tx = byte           # sent by write() once the state lock is released
         self._thr_ipending = True
 
     def _write_ier(self, ier: int) -> None:
