@@ -10,9 +10,9 @@ bytes, as kvmpy/console.py does for the UART) and is delivered into receive buff
 the driver posts some. Guest output is not throttled beyond the sink's own pace. It is handed
 to the sink after the device lock is released, under a transmit lock of its own and in ring
 order: a sink that waits for a slow reader then holds up transmitq only, not host input into
-receiveq (Ctrl-A x, typed keys). A notification takes up to TX_BATCH bytes before they are
-sent (the rest of the ring is left for the next round), so a guest cannot make kvmpy hold
-more than that.
+receiveq (Ctrl-A x, typed keys). A round takes buffers until TX_BATCH bytes are waiting
+(the rest of the ring is left for the next round), so what kvmpy holds is bounded by TX_BATCH
+plus one buffer's TX_CHAIN_MAX.
 """
 from __future__ import annotations
 
