@@ -123,3 +123,55 @@ def test_output_taken_per_round_is_bounded():
         drv.notify(1)                 # the transport calls notify again while it says more
         assert sum(sizes) == 8 * 32 * 1024
         assert max(sizes) <= TX_BATCH and len(sizes) >= 4
+
+
+def test_output_is_out_before_its_buffer_is_used():
+    """A driver that sees its transmit buffer used may go on to power off (Linux's put_chars
+    spins on it): by then its bytes must have reached the sink. Handing them over after the
+    interrupt lost the last line when the ending VM cancelled its stdout sink (a review
+    helper saw 5 lost in 300 runs)."""
+    with GuestMemory([(0, 1 << 20)]) as mem:
+        out = []
+        seen_at_interrupt = []
+
+        def irq(level):
+            if level:
+                seen_at_interrupt.append(b"".join(out))
+        con = VirtioConsole(mem, sink=out.append)
+        bus = MmioBus()
+        bus.insert(VirtioMmio(con, irq=irq), BASE)
+        drv = MmioDriver(mem, Regs(bus, BASE))
+        drv.init(queues=2)
+        tx = drv.queues[1]
+        tx.submit(out=[b"reboot: Power down\n"])
+        drv.notify(1)
+        assert [n for _, n in tx.get_used()] == [0]
+        assert seen_at_interrupt and seen_at_interrupt[0] == b"reboot: Power down\n"
+
+
+def test_a_reset_while_output_is_with_the_sink_uses_no_stale_buffer():
+    with GuestMemory([(0, 1 << 20)]) as mem:
+        entered, release = threading.Event(), threading.Event()
+        out = []
+
+        def sink(data):
+            out.append(data)
+            entered.set()
+            release.wait(5)
+        con = VirtioConsole(mem, sink=sink)
+        bus = MmioBus()
+        bus.insert(VirtioMmio(con, irq=IrqRecorder()), BASE)
+        drv = MmioDriver(mem, Regs(bus, BASE))
+        drv.init(queues=2)
+        tx = drv.queues[1]
+        tx.submit(out=[b"before the reset"])
+        t = threading.Thread(target=drv.notify, args=(1,))
+        t.start()
+        assert entered.wait(5)
+        con.reset()                   # the driver resets the device meanwhile
+        drv.init(queues=2)            # and sets it up again: a fresh, empty ring
+        release.set()
+        t.join(5)
+        assert out == [b"before the reset"]          # the output itself is not lost
+        assert drv.queues[1].get_used() == []        # nothing used in the new ring
+        assert con.live and not con.status & 0x40    # 2.1.1: no DEVICE_NEEDS_RESET either
