@@ -12,6 +12,16 @@ from virtio_driver import IrqRecorder, MmioDriver, Regs
 BASE = 0xD0000000
 
 
+def _console(mem, sink, irq):
+    """A virtio-console on virtio-mmio at BASE, set up by the test driver: (driver, device)."""
+    con = VirtioConsole(mem, sink=sink)
+    bus = MmioBus()
+    bus.insert(VirtioMmio(con, irq=irq), BASE)
+    drv = MmioDriver(mem, Regs(bus, BASE))
+    drv.init(queues=2)
+    return drv, con
+
+
 @pytest.fixture
 def setup():
     with GuestMemory([(0, 1 << 20)]) as mem:
@@ -83,11 +93,7 @@ def test_host_input_is_delivered_while_the_sink_waits_for_its_reader():
         def stalled_sink(data):
             waiting.set()
             release.wait(10)
-        con = VirtioConsole(mem, sink=stalled_sink)
-        bus = MmioBus()
-        bus.insert(VirtioMmio(con, irq=IrqRecorder()), BASE)
-        drv = MmioDriver(mem, Regs(bus, BASE))
-        drv.init(queues=2)
+        drv, con = _console(mem, stalled_sink, IrqRecorder())
         rx, tx = drv.queues
         r = rx.submit(in_=[16])
         drv.notify(0)
@@ -112,11 +118,7 @@ def test_output_taken_per_round_is_bounded():
 
     with GuestMemory([(0, 4 << 20)]) as mem:
         sizes = []
-        con = VirtioConsole(mem, sink=lambda d: sizes.append(len(d)))
-        bus = MmioBus()
-        bus.insert(VirtioMmio(con, irq=IrqRecorder()), BASE)
-        drv = MmioDriver(mem, Regs(bus, BASE))
-        drv.init(queues=2)
+        drv, con = _console(mem, lambda d: sizes.append(len(d)), IrqRecorder())
         tx = drv.queues[1]
         for _ in range(8):
             tx.submit(out=[b"y" * (32 * 1024)])
@@ -137,11 +139,7 @@ def test_output_is_out_before_its_buffer_is_used():
         def irq(level):
             if level:
                 seen_at_interrupt.append(b"".join(out))
-        con = VirtioConsole(mem, sink=out.append)
-        bus = MmioBus()
-        bus.insert(VirtioMmio(con, irq=irq), BASE)
-        drv = MmioDriver(mem, Regs(bus, BASE))
-        drv.init(queues=2)
+        drv, con = _console(mem, out.append, irq)
         tx = drv.queues[1]
         tx.submit(out=[b"reboot: Power down\n"])
         drv.notify(1)
@@ -158,11 +156,7 @@ def test_a_reset_while_output_is_with_the_sink_uses_no_stale_buffer():
             out.append(data)
             entered.set()
             release.wait(5)
-        con = VirtioConsole(mem, sink=sink)
-        bus = MmioBus()
-        bus.insert(VirtioMmio(con, irq=IrqRecorder()), BASE)
-        drv = MmioDriver(mem, Regs(bus, BASE))
-        drv.init(queues=2)
+        drv, con = _console(mem, sink, IrqRecorder())
         tx = drv.queues[1]
         tx.submit(out=[b"before the reset"])
         t = threading.Thread(target=drv.notify, args=(1,))
