@@ -494,19 +494,23 @@ class StreamSink:
         mode = st.st_mode
         if stat.S_ISREG(mode):
             return self.fd
-        self._poll_first = True
-        if not (stat.S_ISFIFO(mode) or (stat.S_ISCHR(mode) and os.isatty(self.fd)
-                                        and not _is_pty_master(self.fd))):
-            return self.fd
+        own = None
+        if stat.S_ISFIFO(mode) or (stat.S_ISCHR(mode) and os.isatty(self.fd)
+                                   and not _is_pty_master(self.fd)):
+            own = self._reopen(st)
+        self._poll_first = own is None
+        return self.fd if own is None else own
+
+    def _reopen(self, st: os.stat_result) -> int | None:
+        """A non-blocking description of the fd's file of our own, or None."""
         try:
             new = os.open(f"/proc/self/fd/{self.fd}",
                           os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
-            return self.fd                # e.g. a FIFO whose reader is gone: EPIPE follows
+            return None                   # e.g. a FIFO whose reader is gone: EPIPE follows
         if not os.path.samestat(os.fstat(new), st):
             os.close(new)
-            return self.fd
-        self._poll_first = False
+            return None
         return new
 
     def _wait_for_room(self, wfd: int) -> bool:

@@ -84,10 +84,11 @@ def test_a_closed_reader_drops_output_without_stopping_the_guest():
     os.close(w)
 
 
-def _kvmpy_run(image, stdout, *extra):
+def _kvmpy_run(image, *extra, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+               stderr=subprocess.PIPE):
+    """`kvmpy run IMAGE --mode real EXTRA...` in a child process."""
     return subprocess.Popen([sys.executable, "-m", "kvmpy", "run", image, "--mode", "real",
-                             *extra], stdin=subprocess.DEVNULL, stdout=stdout,
-                            stderr=subprocess.PIPE)
+                             *extra], stdin=stdin, stdout=stdout, stderr=stderr)
 
 
 @pytest.mark.parametrize("how", ["timeout", "ctrl-c"])
@@ -98,7 +99,7 @@ def test_a_stdout_nobody_reads_does_not_keep_the_vm_from_ending(build_guest, how
     image = build_guest("stdout_spam", source=SPAM)
     r, w = os.pipe()
     extra = ["--timeout", "1"] if how == "timeout" else ["--timeout", "60"]
-    p = _kvmpy_run(image, w, *extra)
+    p = _kvmpy_run(image, *extra, stdout=w)
     os.close(w)
     try:
         if how == "ctrl-c":
@@ -132,9 +133,7 @@ def test_a_trace_to_a_stderr_nobody_reads_does_not_keep_the_vm_from_ending(build
     gone: no vCPU thread, no KVM fd."""
     image = build_guest("stdout_spam", source=SPAM)
     r, w = os.pipe()
-    p = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", image, "--mode", "real",
-                          "--trace", "-", "--timeout", "1"], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=w)
+    p = _kvmpy_run(image, "--trace", "-", "--timeout", "1", stderr=w)
     os.close(w)
     try:
         deadline = time.monotonic() + 20
@@ -166,9 +165,7 @@ def test_ctrl_a_x_ends_a_vm_whose_terminal_is_not_read(build_guest, typed_first)
     held)."""
     image = build_guest("stdout_spam", source=SPAM)
     master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", image, "--mode", "real",
-                          "--timeout", "60"], stdin=slave, stdout=slave,
-                         stderr=subprocess.PIPE)
+    p = _kvmpy_run(image, "--timeout", "60", stdin=slave, stdout=slave)
     try:
         time.sleep(1.5)               # raw mode set, output buffer full, vCPU waiting
         if typed_first:
